@@ -49,15 +49,22 @@ class ColocatedPipeline:
         self.decoder = load_decoder(model_dir, self.cfg, self.dtype, self.device)
         self.eos_ids = set(self.tokenizer.eos_token_ids or self.cfg.eos_token_ids)
 
-    def encode_images(self, images: list[bytes]) -> tuple[list[torch.Tensor], list[tuple]]:
+    def encode_images(
+        self, images: list[bytes], timings: dict[str, float] | None = None
+    ) -> tuple[list[torch.Tensor], list[tuple]]:
         """Wire tensors `[n_tokens, (1+D)*H]` and patch grids of the images, one forward."""
         if self.vision is None:
             raise ValueError(f"{self.cfg.model_type} checkpoint takes no images")
+        t0 = time.perf_counter()
         processed = [preprocess(img, self.preprocess_cfg) for img in images]
         pixels = torch.cat([p.pixel_values for p in processed]).to(self.device)
         grids = [p.grid_thw for p in processed]
+        t1 = time.perf_counter()
         with torch.inference_mode():
-            return self.vision(pixels, grids), grids
+            out = self.vision(pixels, grids)
+        if timings is not None:
+            timings["preprocess"], timings["encode"] = t1 - t0, time.perf_counter() - t1
+        return out, grids
 
     def prompt_ids(self, prompt: str, num_images: int, counts: list[int]) -> list[int]:
         """One user turn: the images in order, then the text; with the generation prompt."""
@@ -72,10 +79,8 @@ class ColocatedPipeline:
 
     @torch.inference_mode()
     def generate(self, images: list[bytes], prompt: str, params: SamplingParams) -> GenerateResult:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        embeds_list, grids = self.encode_images(images) if images else ([], [])
-        timings["encode"] = time.perf_counter() - t0
+        timings = {"preprocess": 0.0, "encode": 0.0}
+        embeds_list, grids = self.encode_images(images, timings) if images else ([], [])
         counts = [e.shape[0] for e in embeds_list]
         ids = self.prompt_ids(prompt, len(images), counts)
         return self.generate_from_ids(ids, embeds_list, grids, params, timings)

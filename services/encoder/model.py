@@ -52,12 +52,13 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [N, heads, hd]
         q, k = _rope_fp32(q, cos, sin), _rope_fp32(k, cos, sin)
+        # One frame attends only to itself. 4-D inputs: CPU SDPA takes its fused kernel only then.
         outs = [
             F.scaled_dot_product_attention(
-                qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
-            )
+                qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]
+            )[0]
             for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens), strict=True)
-        ]  # each [heads, S_i, hd]: one frame attends only to itself
+        ]  # each [heads, S_i, hd]
         out = torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1)
         return self.proj(out)
 

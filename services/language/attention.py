@@ -59,15 +59,16 @@ class ContiguousKVCache:
         if t > 1 and start > 0:
             # Query i sits at absolute position start+i and sees keys 0..start+i.
             mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        # 4-D inputs: CPU SDPA takes its fused kernel only for batched shapes.
         out = F.scaled_dot_product_attention(
-            qh,
-            keys,
-            values,
+            qh[None],
+            keys[None],
+            values[None],
             attn_mask=mask,
             is_causal=t > 1 and start == 0,
             scale=scale,
             enable_gqa=True,
-        )
+        )[0]
         return out.transpose(0, 1)  # [T, Hq, hd]
 
     def commit(self, num_tokens: int) -> None:

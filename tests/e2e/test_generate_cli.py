@@ -1,4 +1,5 @@
-"""`epd generate` as a user runs it, on a checkpoint written by transformers outside this project."""
+"""`epd generate` as a user runs it, on a checkpoint written by transformers outside this
+project."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def build_foreign_checkpoint(out: Path, tokenizer_from: Path) -> Path:
         },
         vision_config={
             "depth": 3, "hidden_size": 24, "num_heads": 3, "intermediate_size": 40,
-            "out_hidden_size": 48, "num_position_embeddings": 36, "deepstack_visual_indexes": [0, 1],
+            "out_hidden_size": 48, "num_position_embeddings": 36,
+            "deepstack_visual_indexes": [0, 1],
         },
         image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
         vision_start_token_id=ids["vision_start_token_id"],
@@ -82,3 +84,17 @@ def test_epd_generate_reports_bad_input_without_a_traceback(tiny_model, tmp_path
         timeout=120,
     )
     assert proc.returncode == 2 and "no config.json" in proc.stderr
+
+
+def test_bench_generate_reports_both_systems(tiny_model):
+    proc = subprocess.run(
+        [EPD, "bench-generate", "--model", str(tiny_model), "--repeats", "1",
+         "--output-tokens", "4", "--image-size", "96x64", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["systems"]) == {"epd", "transformers"}
+    for system in report["systems"].values():
+        assert system["prefill_tok_s"] > 0 and system["decode_tok_s"] > 0
+    assert report["prompt_tokens"] > 0 and report["ratio_decode"] > 0

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     n = args.output_tokens
     ours = ColocatedPipeline(args.model, dtype=args.dtype)
     params = SamplingParams(max_tokens=n, ignore_eos=True)
-    cls = {
+    cls: Any = {
         "qwen3_vl_moe": tf.Qwen3VLMoeForConditionalGeneration,
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
         "qwen3_moe": tf.Qwen3MoeForCausalLM,
@@ -99,7 +99,7 @@ def _time_hf(
         ids = torch.tensor([ours.prompt_ids(prompt, len(images), counts)])
         out["input_ids"] = ids
         if ours.cfg.vision is not None:
-            out["mm_token_type_ids"] = (ids == ours.cfg.image_token_id).int()
+            out["mm_token_type_ids"] = torch.eq(ids, int(ours.cfg.image_token_id or -1)).int()
         return out
 
     times = []

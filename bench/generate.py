@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from services.colocated import DTYPES, ColocatedPipeline
-from services.language.sampler import SamplingParams
+from services.language.engine.request import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,9 +18,10 @@ from common.tokenizer import ChatTokenizer
 from services.encoder.preprocess import PreprocessConfig, preprocess
 from services.encoder.weights import load_vision_tower
 from services.language.attention import ContiguousKVCache
+from services.language.engine.request import SamplingParams
+from services.language.engine.sampler import SampleInput, make_generator, sample_rows
 from services.language.inputs import expand_image_pads, scatter_images
 from services.language.mrope import decode_positions, mrope_positions
-from services.language.sampler import SamplingParams, sample
 from services.language.weights import load_decoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,18 +114,20 @@ class ColocatedPipeline:
             self.dtype,
             self.device,
         )
-        gen = torch.Generator(device=self.device)
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
+        out: list[int] = []
+        stop = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.eos_ids)
+        )
+        row = SampleInput(params, make_generator(params.seed, self.device), ids, out, stop)
         hidden = self.decoder(embeds, positions.to(self.device), cache, deepstack)
         cache.commit(len(ids))
-        token = int(sample(self.decoder.compute_logits(hidden[-1:]), params, gen)[0])
+        token = sample_rows(self.decoder.compute_logits(hidden[-1:]), [row])[0].token
         timings["prefill"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = [token]
+        out.append(token)
         finish = "length"
         while True:
-            if token in self.eos_ids and not params.ignore_eos:
+            if token in stop and len(out) >= params.min_tokens:
                 finish = "stop"
                 break
             if len(out) >= params.max_tokens:
@@ -133,12 +136,12 @@ class ColocatedPipeline:
             step_embeds = self.decoder.embed(torch.tensor([token], device=self.device))
             hidden = self.decoder(step_embeds, pos, cache)
             cache.commit(1)
-            token = int(sample(self.decoder.compute_logits(hidden), params, gen)[0])
+            token = sample_rows(self.decoder.compute_logits(hidden), [row])[0].token
             out.append(token)
         timings["decode"] = time.perf_counter() - t0
         return GenerateResult(
             token_ids=out,
-            text=self.tokenizer.decode([t for t in out if t not in self.eos_ids]),
+            text=self.tokenizer.decode(out[:-1] if finish == "stop" else out),
             prompt_tokens=len(ids),
             finish_reason=finish,
             timings=timings,

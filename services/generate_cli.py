@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from services.colocated import DTYPES, ColocatedPipeline
-from services.language.sampler import SamplingParams
+from services.language.engine.request import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from services.colocated import ColocatedPipeline
 from services.encoder.preprocess import preprocess
 from services.language.attention import ContiguousKVCache
+from services.language.engine.request import SamplingParams
 from services.language.inputs import scatter_images
 from services.language.mrope import mrope_positions
-from services.language.sampler import SamplingParams
 
 PROMPT = "Describe these images in detail."
 

@@ -1,0 +1,165 @@
+"""KV block accounting with prefix caching (pure Python; the tensors live in the model runner).
+
+The cache is `num_blocks` blocks of `block_size` token slots. A request's `block_table` lists its
+blocks in order; token i lives in slot `block_table[i // block_size] * block_size + i % block_size`.
+
+Prefix caching: once every slot of a block holds computed K/V, the block is registered under a
+hash chained from its predecessor's and keyed by the block's tokens, where an image-pad token is
+keyed by (its image's content hash, its row in the image) — so the same image shares blocks and
+different images never do. A block with no owner stays in the cache (and findable) until it is
+reused for something else, least recently freed first.
+
+Invariants (checked by `check`): every block is either free (ref 0) or referenced by exactly
+`ref` block-table entries of live requests; the free list holds each ref-0 block once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.language.engine.request import Request
+
+BlockKey = tuple[object, ...]
+
+
+@dataclass(slots=True)
+class Block:
+    id: int
+    ref: int = 0
+    hash: int | None = None
+    key: BlockKey | None = None  # tokens behind `hash`, compared on lookup (hash collisions)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, image_token_id: int | None) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.block_size = block_size
+        self.image_token_id = image_token_id
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in reuse order: oldest freed first. Cached blocks stay findable here.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.hit_tokens_total = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self.blocks) - len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- admission and growth ----
+
+    def match_prefix(self, req: Request) -> list[int]:
+        """Block ids of the longest cached prefix of `req`'s tokens (never its last token)."""
+        ids = req.all_ids
+        hits: list[int] = []
+        parent: int | None = None
+        for b in range((req.num_tokens - 1) // self.block_size):
+            key = self._block_key(req, ids, b)
+            h = hash((parent, key))
+            bid = self.cached.get(h)
+            if bid is None or self.blocks[bid].key != key:
+                break
+            hits.append(bid)
+            parent = h
+        return hits
+
+    def admit(self, req: Request, hits: Sequence[int]) -> None:
+        """Give `req` the prefix-cache hits; the scheduler grows it with `ensure` afterwards."""
+        for bid in hits:
+            self._take(bid)
+        req.block_table = list(hits)
+        req.num_computed = len(hits) * self.block_size
+        self.hit_tokens_total += req.num_computed
+
+    def can_ensure(self, req: Request, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) - len(req.block_table) <= self.num_free
+
+    def ensure(self, req: Request, num_tokens: int) -> None:
+        """Grow `req`'s block table to hold `num_tokens` tokens (caller checked `can_ensure`)."""
+        need = self.blocks_for(num_tokens) - len(req.block_table)
+        if need > self.num_free:
+            raise RuntimeError("ensure() without can_ensure(): out of KV blocks")
+        for _ in range(need):
+            bid = next(iter(self.free))
+            self._forget(bid)
+            self._take(bid)
+            req.block_table.append(bid)
+
+    def commit(self, req: Request) -> None:
+        """Register the blocks that `req.num_computed` has just filled completely."""
+        full = req.num_computed // self.block_size
+        ids: list[int] | None = None
+        parent: int | None = None
+        for b in range(full):
+            block = self.blocks[req.block_table[b]]
+            if block.hash is not None:  # registered earlier (by this request or a shared hit)
+                parent = block.hash
+                continue
+            ids = req.all_ids if ids is None else ids
+            key = self._block_key(req, ids, b)
+            h = hash((parent, key))
+            # Another request may have registered the same content first; keep that one.
+            self.cached.setdefault(h, block.id)
+            block.hash, block.key = h, key
+            parent = h
+
+    def release(self, req: Request) -> None:
+        """Drop `req`'s references (finish, abort or preemption). Its blocks stay cached."""
+        for bid in reversed(req.block_table):  # tail first: reused before the shared prefix
+            block = self.blocks[bid]
+            block.ref -= 1
+            if block.ref == 0:
+                self.free[bid] = None
+        req.block_table = []
+        req.num_computed = 0
+
+    # ---- internals ----
+
+    def _take(self, bid: int) -> None:
+        block = self.blocks[bid]
+        if block.ref == 0:
+            del self.free[bid]
+        block.ref += 1
+
+    def _forget(self, bid: int) -> None:
+        block = self.blocks[bid]
+        if block.hash is not None and self.cached.get(block.hash) == bid:
+            del self.cached[block.hash]
+        block.hash = block.key = None
+
+    def _block_key(self, req: Request, ids: list[int], b: int) -> BlockKey:
+        """Tokens of block b; image-pad tokens replaced by (image content hash, row)."""
+        lo, hi = b * self.block_size, (b + 1) * self.block_size
+        key: list[object] = list(ids[lo:hi])
+        for span in req.images:
+            for i in range(max(lo, span.start), min(hi, span.start + span.length)):
+                key[i - lo] = (span.content_hash, i - span.start)
+        return tuple(key)
+
+    def check(self, live: Sequence[Request]) -> None:
+        """Assert the accounting invariants (tests call this after every operation)."""
+        refs = [0] * len(self.blocks)
+        for req in live:
+            for bid in req.block_table:
+                refs[bid] += 1
+        for block in self.blocks:
+            if block.ref != refs[block.id]:
+                raise AssertionError(
+                    f"block {block.id}: ref {block.ref} != owners {refs[block.id]}"
+                )
+            if (block.ref == 0) != (block.id in self.free):
+                raise AssertionError(
+                    f"block {block.id}: ref {block.ref} but free={block.id in self.free}"
+                )
+        for h, bid in self.cached.items():
+            if self.blocks[bid].hash != h:
+                raise AssertionError(f"cached hash of block {bid} is stale")

@@ -1,0 +1,161 @@
+"""What runs next (pure Python): continuous batching with chunked prefill and preemption.
+
+Each step gets a token budget (`max_batch_tokens`). Running requests go first, oldest first: a
+decoding request takes 1 token, a request still in prefill takes the next chunk of its prompt
+that fits. Then waiting requests are admitted in arrival order while the budget, `max_num_seqs`
+and free KV blocks allow; a new request first takes its prefix-cache hits. When a running request
+needs a block and none is free, the newest running request is preempted (its blocks freed; it
+is recomputed later from all its tokens).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from services.language.engine.kv_cache import BlockManager
+from services.language.engine.request import Request, Status
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_batch_tokens: int = 2048
+    max_waiting: int = 1024  # beyond this, new requests are refused (RESOURCE_EXHAUSTED)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_batch_tokens <= 0 or self.max_waiting <= 0:
+            raise ValueError("max_num_seqs, max_batch_tokens and max_waiting must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    req: Request
+    start: int  # first token index computed this step
+    length: int  # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last token, so a new token is sampled."""
+        return self.start + self.length == self.req.num_tokens
+
+
+class QueueFull(Exception):
+    """Too many waiting requests."""
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
+        self.cfg = cfg
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests already waiting")
+        max_tokens = len(self.blocks.blocks) * self.blocks.block_size
+        if req.num_prompt + req.params.max_tokens > max_tokens:
+            raise ValueError(
+                f"prompt ({req.num_prompt}) + max_tokens ({req.params.max_tokens}) exceeds the "
+                f"KV cache ({max_tokens} tokens)"
+            )
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def abort(self, req_id: str) -> Request | None:
+        """Remove a request wherever it is; frees its blocks at once."""
+        for req in self.running:
+            if req.id == req_id:
+                self.running.remove(req)
+                return self._finish(req, "abort")
+        for req in self.waiting:
+            if req.id == req_id:
+                self.waiting.remove(req)
+                return self._finish(req, "abort")
+        return None
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.cfg.max_batch_tokens
+        chunks: list[ScheduledChunk] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_pending, budget)
+            if not self._grow(req, req.num_computed + n):
+                continue
+            chunks.append(ScheduledChunk(req, req.num_computed, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            hits = self.blocks.match_prefix(req)
+            computed = len(hits) * self.blocks.block_size
+            n = min(req.num_tokens - computed, budget)
+            extra = self.blocks.blocks_for(computed + n) - len(hits)
+            if extra > self.blocks.num_free - sum(
+                1 for h in hits if self.blocks.blocks[h].ref == 0
+            ):
+                break  # no room now; keep arrival order
+            self.waiting.popleft()
+            self.blocks.admit(req, hits)
+            if req.num_preemptions == 0:
+                req.num_cached_prompt = min(req.num_computed, req.num_prompt)
+            self.blocks.ensure(req, computed + n)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            chunks.append(ScheduledChunk(req, computed, n))
+            budget -= n
+        return chunks
+
+    def postprocess(
+        self, chunks: list[ScheduledChunk], sampled: dict[str, int]
+    ) -> list[tuple[Request, int, str | None]]:
+        """Advance computed counts, append sampled tokens. Returns (req, token, finish_reason)."""
+        out = []
+        for chunk in chunks:
+            req = chunk.req
+            if req.status is not Status.RUNNING:  # aborted while the step ran
+                continue
+            req.num_computed = chunk.start + chunk.length
+            self.blocks.commit(req)
+            if not chunk.samples:
+                continue
+            token = sampled[req.id]
+            reason = req.append_token(token)
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req, reason)
+            out.append((req, token, reason))
+        return out
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make room for `num_tokens` in `req`, preempting newer requests; False if `req` itself
+        had to be preempted."""
+        while not self.blocks.can_ensure(req, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        self.blocks.ensure(req, num_tokens)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.release(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: str) -> Request:
+        self.blocks.release(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        return req

@@ -1,0 +1,173 @@
+"""The continuous-batching engine gives each request exactly what transformers gives it alone."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from common.config import ModelConfig
+from common.tokenizer import ChatTokenizer
+from services.colocated import ColocatedPipeline
+from services.language.engine.engine import Engine, ImageInput
+from services.language.engine.model_runner import ModelRunner
+from services.language.engine.request import SamplingParams
+from services.language.engine.scheduler import SchedulerConfig
+from services.language.weights import load_decoder
+
+PROMPTS = [
+    "Describe this.",
+    "What colour is the largest object in the picture, and where is it?",
+    "Count.",
+    "Tell me everything you can about the scene, the light, the objects and the mood.",
+]
+
+
+def make_engine(model_dir, kv_bytes=8 << 20, max_batch_tokens=256, max_num_seqs=32, block=16):
+    cfg = ModelConfig.from_dir(model_dir)
+    runner = ModelRunner(cfg, load_decoder(model_dir, cfg), kv_bytes, block_size=block)
+    eos = frozenset(ChatTokenizer(model_dir).eos_token_ids)
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+    return Engine(cfg, runner, sched, eos)
+
+
+def build_requests(pipe: ColocatedPipeline, png, n: int, seed: int = 0):
+    """n requests: (prompt ids, image inputs, max_tokens, raw image bytes, prompt text)."""
+    rng = random.Random(seed)
+    sizes = [(150, 100), (64, 96), (200, 120), (90, 90), (120, 240)]
+    reqs = []
+    for i in range(n):
+        k = rng.choice([0, 1, 1, 2])
+        raw = [png(*sizes[(i + j) % len(sizes)], 100 + i * 3 + j) for j in range(k)]
+        tensors, grids = pipe.encode_images(raw) if raw else ([], [])
+        prompt = PROMPTS[i % len(PROMPTS)]
+        ids = pipe.prompt_ids(prompt, k, [t.shape[0] for t in tensors])
+        images = [
+            ImageInput(t, g, f"img-{i}-{j}")
+            for j, (t, g) in enumerate(zip(tensors, grids, strict=True))
+        ]
+        reqs.append((ids, images, rng.randint(4, 20), raw, prompt))
+    return reqs
+
+
+async def run_all(engine: Engine, reqs, stagger: float = 0.01, seeds=None):
+    await engine.start()
+
+    async def one(i, ids, images, max_tokens):
+        await asyncio.sleep(stagger * i)
+        seed = seeds[i] if seeds else None
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if seeds else 0.0, seed=seed)
+        tokens, final = [], None
+        async for ev in engine.generate(ids, params, images):
+            if ev.sample is not None:
+                tokens.append(ev.sample.token)
+            final = ev
+        return tokens, final
+
+    try:
+        return await asyncio.gather(
+            *(one(i, ids, imgs, mt) for i, (ids, imgs, mt, _, _) in enumerate(reqs))
+        )
+    finally:
+        await engine.stop()
+
+
+def expected_tokens(oracle, model_dir, reqs):
+    hf = oracle(model_dir)
+    return [hf.generate(hf.inputs(raw, prompt), mt) for _, _, mt, raw, prompt in reqs]
+
+
+def test_staggered_concurrent_requests_match_transformers_alone(tiny_model, oracle, png):
+    pipe = ColocatedPipeline(tiny_model)
+    reqs = build_requests(pipe, png, 18)
+    engine = make_engine(tiny_model, max_batch_tokens=96)
+    results = asyncio.run(run_all(engine, reqs))
+    expected = expected_tokens(oracle, tiny_model, reqs)
+    for (tokens, final), want in zip(results, expected, strict=True):
+        assert tokens == want
+        assert final.finish_reason in ("stop", "length")
+        assert final.usage.completion_tokens == len(tokens)
+    assert engine.blocks.num_used == 0
+
+
+def test_preemption_keeps_results_exact(tiny_model, oracle, png):
+    pipe = ColocatedPipeline(tiny_model)
+    reqs = build_requests(pipe, png, 8, seed=1)
+    # 12 blocks of 16 tokens: not enough for 8 prompts of ~40-110 tokens at once.
+    engine = make_engine(tiny_model, kv_bytes=12 * 16 * 4 * 2 * 2 * 16 * 4, max_batch_tokens=512)
+    results = asyncio.run(run_all(engine, reqs, stagger=0.0))
+    assert engine.scheduler.num_preemptions > 0
+    for (tokens, _), want in zip(results, expected_tokens(oracle, tiny_model, reqs), strict=True):
+        assert tokens == want
+    assert engine.blocks.num_used == 0
+
+
+def test_chunked_prefill_keeps_results_exact(tiny_model, oracle, png):
+    pipe = ColocatedPipeline(tiny_model)
+    reqs = build_requests(pipe, png, 4, seed=2)
+    engine = make_engine(tiny_model, max_batch_tokens=7)  # every prompt spans many steps
+    results = asyncio.run(run_all(engine, reqs))
+    for (tokens, _), want in zip(results, expected_tokens(oracle, tiny_model, reqs), strict=True):
+        assert tokens == want
+
+
+def test_repeated_image_hits_the_prefix_cache(tiny_model, oracle, png):
+    pipe = ColocatedPipeline(tiny_model)
+    raw = [png(150, 100, 42)]
+    tensors, grids = pipe.encode_images(raw)
+    ids = pipe.prompt_ids("Describe this.", 1, [tensors[0].shape[0]])
+    image = [ImageInput(tensors[0], grids[0], "same-image")]
+    reqs = [(ids, image, 8, raw, "Describe this.")] * 2
+    engine = make_engine(tiny_model, block=4)
+    results = asyncio.run(run_all(engine, reqs, stagger=0.5))
+    want = expected_tokens(oracle, tiny_model, reqs[:1])[0]
+    assert [r[0] for r in results] == [want, want]
+    assert results[0][1].usage.cached_tokens == 0
+    assert results[1][1].usage.cached_tokens > 0.8 * len(ids)
+
+
+def test_text_only_requests_on_plain_qwen3_moe_match_transformers(tiny_text_moe, oracle):
+    pipe = ColocatedPipeline(tiny_text_moe)
+    reqs = [(pipe.prompt_ids(p, 0, []), [], 10 + i, [], p) for i, p in enumerate(PROMPTS)]
+    results = asyncio.run(run_all(make_engine(tiny_text_moe), reqs))
+    for (tokens, _), want in zip(
+        results, expected_tokens(oracle, tiny_text_moe, reqs), strict=True
+    ):
+        assert tokens == want
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(tiny_model, png):
+    pipe = ColocatedPipeline(tiny_model)
+    reqs = build_requests(pipe, png, 6, seed=3)
+    alone = asyncio.run(run_all(make_engine(tiny_model), reqs[:1], seeds=[7]))
+    crowd = asyncio.run(run_all(make_engine(tiny_model), reqs, seeds=[7, 1, 2, 3, 4, 5]))
+    assert alone[0][0] == crowd[0][0]
+    other_seed = asyncio.run(run_all(make_engine(tiny_model), reqs[:1], seeds=[8]))
+    assert other_seed[0][0] != alone[0][0]
+
+
+def test_bad_requests_are_refused_before_scheduling(tiny_model):
+    engine = make_engine(tiny_model)
+
+    async def first(ids, images=None, **kw):
+        await engine.start()
+        try:
+            async for _ in engine.generate(ids, SamplingParams(**kw), images):
+                break
+        finally:
+            await engine.stop()
+
+    with pytest.raises(ValueError, match="prompt is empty"):
+        asyncio.run(first([]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        asyncio.run(first([1, 2, 10_000]))
+    with pytest.raises(ValueError, match="exceed the context"):
+        asyncio.run(first([1] * 9000))
+    img = ImageInput(torch.zeros(4, 256), (1, 4, 4), "x")
+    with pytest.raises(ValueError, match="image-pad tokens"):
+        asyncio.run(first([1, 2, 3], [img]))
+    with pytest.raises(ValueError, match="temperature"):
+        asyncio.run(first([1, 2, 3], temperature=-1.0))
+    assert engine.blocks.num_used == 0

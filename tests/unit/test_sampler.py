@@ -1,0 +1,63 @@
+"""Sampling on a toy vocabulary: each knob does what it says, seeds reproduce."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from services.language.engine.request import SamplingParams
+from services.language.engine.sampler import SampleInput, make_generator, sample_rows
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+
+
+def draw(n: int, seed: int = 0, output_ids=(), prompt_ids=(), stop=frozenset(), **kw) -> Counter:
+    params = SamplingParams(max_tokens=100, seed=seed, **kw)
+    gen = make_generator(seed, torch.device("cpu"))
+    row = SampleInput(params, gen, list(prompt_ids), list(output_ids), frozenset(stop))
+    return Counter(sample_rows(LOGITS.clone(), [row])[0].token for _ in range(n))
+
+
+def test_greedy_takes_the_argmax():
+    assert draw(5, temperature=0.0) == Counter({0: 5})
+
+
+def test_temperature_sampling_follows_softmax():
+    n = 6000
+    counts = draw(n, temperature=0.7)
+    expected = torch.softmax(LOGITS[0] / 0.7, dim=-1)
+    for token, p in enumerate(expected.tolist()):
+        assert abs(counts[token] / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3
+
+
+def test_top_k_and_top_p_and_min_p_restrict_the_support():
+    assert set(draw(2000, temperature=1.0, top_k=2)) == {0, 1}
+    # softmax mass: 0.57, 0.21, 0.13, ... -> top_p 0.7 keeps the first two
+    assert set(draw(2000, temperature=1.0, top_p=0.7)) == {0, 1}
+    # min_p 0.2: keep tokens with prob >= 0.2 * 0.56 = 0.11
+    assert set(draw(2000, temperature=1.0, min_p=0.2)) == {0, 1, 2}
+
+
+def test_same_seed_same_draws_different_seed_different_draws():
+    a = [draw(1, seed=s, temperature=1.0) for s in range(20)]
+    b = [draw(1, seed=s, temperature=1.0) for s in range(20)]
+    assert a == b and len({tuple(c) for c in a}) > 1
+
+
+def test_penalties_and_min_tokens():
+    # A strong repetition penalty on token 0 (seen in the prompt) makes token 1 the argmax.
+    assert draw(1, prompt_ids=[0], repetition_penalty=10.0) == Counter({1: 1})
+    assert draw(1, output_ids=[0, 0], frequency_penalty=1.0) == Counter({1: 1})
+    assert draw(1, output_ids=[0], presence_penalty=2.0) == Counter({1: 1})
+    # min_tokens bans stop ids until reached.
+    assert draw(1, stop={0}, min_tokens=3, output_ids=[4]) == Counter({1: 1})
+    assert draw(1, stop={0}, min_tokens=1, output_ids=[4]) == Counter({0: 1})
+
+
+def test_logprobs_come_from_the_raw_distribution():
+    params = SamplingParams(max_tokens=4, logprobs=3)
+    sample = sample_rows(LOGITS, [SampleInput(params, None, [], [], frozenset())])[0]
+    ref = torch.log_softmax(LOGITS[0], dim=-1)
+    assert sample.token == 0 and abs(sample.logprob - ref[0].item()) < 1e-6
+    assert [t for t, _ in sample.top_logprobs] == [0, 1, 2]

@@ -1,0 +1,167 @@
+"""Scheduler and block manager invariants, without torch."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+
+from services.language.engine.kv_cache import BlockManager
+from services.language.engine.request import ImageSpan, Request, SamplingParams, Status
+from services.language.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+
+IMG = 99
+
+
+def make_request(rid: str, prompt: list[int], max_tokens: int = 4, images=()) -> Request:
+    return Request(
+        id=rid,
+        prompt_ids=prompt,
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        images=list(images),
+    )
+
+
+def run_to_completion(sched: Scheduler, live: list[Request], rng: random.Random, abort_p=0.0):
+    steps = 0
+    while sched.has_work:
+        chunks = sched.schedule()
+        assert chunks, "scheduler stalled with work pending"
+        assert sum(c.length for c in chunks) <= sched.cfg.max_batch_tokens
+        assert len(sched.running) <= sched.cfg.max_num_seqs
+        assert len({c.req.id for c in chunks}) == len(chunks)
+        for c in chunks:  # every scheduled token has a slot
+            assert len(c.req.block_table) * sched.blocks.block_size >= c.start + c.length
+        sampled = {c.req.id: rng.randrange(1000) for c in chunks if c.samples}
+        sched.postprocess(chunks, sampled)
+        if abort_p and sched.running and rng.random() < abort_p:
+            sched.abort(rng.choice(sched.running).id)
+        sched.blocks.check([r for r in live if r.status is not Status.FINISHED])
+        steps += 1
+        assert steps < 10_000
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_workload_never_leaks_or_double_owns_blocks(seed):
+    rng = random.Random(seed)
+    blocks = BlockManager(num_blocks=rng.randint(12, 40), block_size=rng.choice([2, 4, 8]),
+                          image_token_id=IMG)  # fmt: skip
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=rng.randint(1, 8), max_batch_tokens=rng.randint(8, 64)),
+        blocks,
+    )
+    live = []
+    hashes = ["cat", "dog", "fox"]
+    for i in range(rng.randint(5, 25)):
+        prompt = [rng.randrange(50) for _ in range(rng.randint(1, 30))]
+        spans = []
+        if rng.random() < 0.5:
+            start = rng.randrange(len(prompt))
+            length = rng.randint(1, 8)
+            prompt[start:start] = [IMG] * length
+            spans.append(ImageSpan(start, length, rng.choice(hashes)))
+        req = make_request(f"r{i}", prompt, rng.randint(1, 12), spans)
+        if req.num_prompt + req.params.max_tokens > 12 * blocks.block_size:
+            continue  # keep every request admissible even when it has the cache to itself
+        sched.add(req)
+        live.append(req)
+    run_to_completion(sched, live, rng, abort_p=0.05)
+    assert blocks.num_used == 0 and blocks.num_free == len(blocks.blocks)
+    for req in live:
+        assert req.finished
+        if req.finish_reason == "length":
+            assert len(req.output_ids) == req.params.max_tokens
+
+
+def test_tiny_cache_forces_preemption_and_everyone_finishes():
+    rng = random.Random(0)
+    blocks = BlockManager(num_blocks=6, block_size=4, image_token_id=IMG)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_batch_tokens=64), blocks)
+    live = [make_request(f"r{i}", list(range(i, i + 6)), max_tokens=10) for i in range(4)]
+    for r in live:
+        sched.add(r)
+    run_to_completion(sched, live, rng)
+    assert sum(r.num_preemptions for r in live) > 0
+    assert all(len(r.output_ids) == 10 for r in live)
+    assert blocks.num_used == 0
+
+
+def test_long_prompt_is_chunked_across_steps():
+    blocks = BlockManager(num_blocks=64, block_size=4, image_token_id=IMG)
+    sched = Scheduler(SchedulerConfig(max_batch_tokens=10), blocks)
+    req = make_request("long", list(range(35)), max_tokens=2)
+    sched.add(req)
+    lengths = []
+    while sched.has_work:
+        chunks = sched.schedule()
+        lengths.append([c.length for c in chunks])
+        sched.postprocess(chunks, {c.req.id: 7 for c in chunks if c.samples})
+    assert lengths == [[10], [10], [10], [5], [1]]
+
+
+def test_prefix_hits_share_blocks_for_the_same_image_only():
+    blocks = BlockManager(num_blocks=64, block_size=4, image_token_id=IMG)
+    sched = Scheduler(SchedulerConfig(), blocks)
+    prompt = [1, 2, 3] + [IMG] * 8 + [4, 5, 6, 7]
+
+    def serve(rid: str, image_hash: str) -> Request:
+        req = make_request(rid, list(prompt), 2, [ImageSpan(3, 8, image_hash)])
+        sched.add(req)
+        run_to_completion(sched, [req], random.Random(1))
+        return req
+
+    first = serve("a", "img-1")
+    same = serve("b", "img-1")
+    other = serve("c", "img-2")
+    assert first.num_cached_prompt == 0
+    assert same.num_cached_prompt == 12  # 3 full blocks of 4; the last token is never a hit
+    assert other.num_cached_prompt == 0  # block 0 mixes text and the image's first row
+    assert blocks.hit_tokens_total == 12
+
+
+def test_abort_frees_blocks_at_once_and_queue_bound():
+    blocks = BlockManager(num_blocks=16, block_size=4, image_token_id=IMG)
+    sched = Scheduler(SchedulerConfig(max_waiting=2), blocks)
+    a, b = make_request("a", list(range(9)), 8), make_request("b", [1, 2], 8)
+    sched.add(a)
+    sched.add(b)
+    with pytest.raises(QueueFull):
+        sched.add(make_request("c", [1], 1))
+    chunks = sched.schedule()
+    sched.postprocess(chunks, {c.req.id: 5 for c in chunks if c.samples})
+    assert blocks.num_used > 0
+    assert sched.abort("a") is a and a.finish_reason == "abort"
+    assert sched.abort("b") is b
+    assert blocks.num_used == 0 and not sched.has_work
+    assert sched.abort("nope") is None
+
+
+def test_request_larger_than_the_cache_is_refused():
+    sched = Scheduler(SchedulerConfig(), BlockManager(4, 4, IMG))
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        sched.add(make_request("big", list(range(10)), max_tokens=10))
+
+
+def test_sampling_params_validation_names_the_field():
+    for kwargs, field in [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 2}, "min_p"),
+        ({"logprobs": 50}, "logprobs"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+
+
+def test_engine_accounting_imports_no_torch():
+    code = (
+        "import sys; import services.language.engine.scheduler, services.language.engine.kv_cache;"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

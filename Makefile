@@ -23,7 +23,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(BIN)/epd make-tiny-model $(DEMO_MODEL) --preset tiny
 
 demo: $(STAMP) $(DEMO_MODEL)/config.json
-	$(BIN)/epd generate --model $(DEMO_MODEL) --image assets/sample.png \
+	$(BIN)/epd demo --model $(DEMO_MODEL) --image assets/sample.png \
 		--prompt "Describe this image." --max-tokens 24
 
 lint: $(STAMP)

@@ -7,9 +7,9 @@ median of `--repeats` runs is reported. For each side:
   time to the first token;
 - decode tok/s = (output tokens - 1) / (time after the first token).
 
-transformers' split is measured as `generate(max_new_tokens=1)` (time to first token) and
-`generate(max_new_tokens=N, min_new_tokens=N)` minus it; ours comes from the pipeline's own stage
-timers with `ignore_eos`, so both produce exactly N tokens.
+transformers' times come from one `generate(max_new_tokens=N, min_new_tokens=N)` with a per-token
+clock (bench/hf.py); ours from the pipeline's own stage timers with `ignore_eos`, so both
+produce exactly N tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.hf import HFReference, HFRequest
 from services.colocated import DTYPES, ColocatedPipeline
 from services.language.engine.request import SamplingParams
 
@@ -49,7 +49,6 @@ def synthetic_image(width: int, height: int, seed: int) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    import transformers as tf
 
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     images = [synthetic_image(width, height, i) for i in range(args.images)]
@@ -57,24 +56,19 @@ def run(args: argparse.Namespace) -> int:
     n = args.output_tokens
     ours = ColocatedPipeline(args.model, dtype=args.dtype)
     params = SamplingParams(max_tokens=n, ignore_eos=True)
-    cls: Any = {
-        "qwen3_vl_moe": tf.Qwen3VLMoeForConditionalGeneration,
-        "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
-        "qwen3_moe": tf.Qwen3MoeForCausalLM,
-    }[ours.cfg.model_type]
-    hf = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval()
-    processor = tf.Qwen2VLImageProcessorPil.from_pretrained(args.model) if ours.cfg.vision else None
+    eos = ours.tokenizer.eos_token_ids
+    hf = HFReference(args.model, ours.cfg, DTYPES[args.dtype], eos[-1] if eos else 0)
     rows: dict[str, list[tuple[float, float]]] = {"epd": [], "transformers": []}
     prompt_tokens = 0
     for rep in range(args.repeats + 1):  # the first round warms both up and is not counted
         result = ours.generate(images, prompt, params)
         t = result.timings
-        ttft_ours = t["preprocess"] + t["encode"] + t["prefill"]
         prompt_tokens = result.prompt_tokens
-        ttft_hf, total_hf = _time_hf(hf, processor, ours, images, prompt, n)
+        ids = ours.prompt_ids(prompt, len(images), _counts(ours, images))
+        start, stamps = hf.generate([HFRequest(ids, images)], n)
         if rep:
-            rows["epd"].append((ttft_ours, t["decode"]))
-            rows["transformers"].append((ttft_hf, total_hf - ttft_hf))
+            rows["epd"].append((t["preprocess"] + t["encode"] + t["prefill"], t["decode"]))
+            rows["transformers"].append((stamps[0] - start, stamps[-1] - stamps[0]))
     report = _report(rows, prompt_tokens, n, args, torch.get_num_threads())
     if args.json:
         print(json.dumps(report))
@@ -83,34 +77,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time_hf(
-    hf: Any, processor: Any, ours: ColocatedPipeline, images: list[bytes], prompt: str, n: int
-) -> tuple[float, float]:
-    """(time to first token, total time) of transformers' generate for the same request."""
-
-    def inputs() -> dict[str, Any]:
-        # The same prompt ids as ours (checked equal to transformers' own in the parity tests).
-        out: dict[str, Any] = {}
-        counts = []
-        if images:
-            px = processor(images=[Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")
-            out.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
-            counts = [int(g.prod()) // 4 for g in px["image_grid_thw"]]
-        ids = torch.tensor([ours.prompt_ids(prompt, len(images), counts)])
-        out["input_ids"] = ids
-        if ours.cfg.vision is not None:
-            out["mm_token_type_ids"] = torch.eq(ids, int(ours.cfg.image_token_id or -1)).int()
-        return out
-
-    times = []
-    for tokens in (1, n):
-        with torch.inference_mode():
-            start = time.perf_counter()
-            if ours.cfg.vision is not None:
-                hf.model.rope_deltas = None
-            hf.generate(**inputs(), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            times.append(time.perf_counter() - start)
-    return times[0], times[1]
+def _counts(ours: ColocatedPipeline, images: list[bytes]) -> list[int]:
+    return [e.shape[0] for e in ours.encode_images(images)[0]] if images else []
 
 
 def _report(

@@ -14,12 +14,24 @@ import sys
 
 # name -> (module, one-line help). Keep sorted by role, then tools, then benchmarks.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "encoder": ("services.encoder.__main__", "serve the vision encoder (gRPC Encoder)"),
+    "language": ("services.language.__main__", "serve the language model (gRPC Language)"),
+    "gateway": (
+        "services.gateway.__main__",
+        "serve the OpenAI-compatible HTTP and gRPC front door",
+    ),
+    "up": ("services.up", "start encoders, a language service and the gateway on loopback"),
+    "demo": ("services.demo", "start the stack, ask one question about an image, stop"),
+    "health": ("services.health_cli", "exit 0 if a role's gRPC health service is SERVING"),
     "generate": ("services.generate_cli", "run the whole model in this process (no services)"),
     "make-tiny-model": ("services.tiny_model", "write a random-weight checkpoint for tests/demos"),
     "bench-generate": (
         "bench.generate",
         "prefill/decode tokens/s of `epd generate` vs transformers",
     ),
+    "bench-engine": ("bench.engine", "language engine throughput and latency vs transformers"),
+    "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
+    "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),
 }
 
 

@@ -53,6 +53,8 @@ class TokenEvent:
     sample: Sample | None
     finish_reason: str | None = None
     usage: Usage | None = None
+    prefill_s: float = 0.0  # on the last event: admission to first token (queueing included)
+    decode_s: float = 0.0  # on the last event: first token to last
 
 
 class Engine:
@@ -90,6 +92,10 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not self.scheduler.has_work
+
+    @property
+    def running_ids(self) -> set[str]:
+        return set(self._streams)
 
     def validate(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -216,7 +222,9 @@ class Engine:
             usage = Usage(req.num_prompt, n, req.num_cached_prompt)
         queue = self._streams.get(req.id)
         if queue is not None:
-            queue.put_nowait(TokenEvent(sample, reason, usage))
+            first = req.first_token_at if req.first_token_at is not None else now
+            timings = (first - req.arrival, now - first) if reason is not None else (0.0, 0.0)
+            queue.put_nowait(TokenEvent(sample, reason, usage, *timings))
             if reason is not None:
                 del self._streams[req.id]
 

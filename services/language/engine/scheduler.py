@@ -17,7 +17,7 @@ from services.language.engine.kv_cache import BlockManager
 from services.language.engine.request import Request, Status
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_batch_tokens: int = 2048

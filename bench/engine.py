@@ -1,0 +1,186 @@
+"""`epd bench-engine`: the language engine against transformers on one workload, one run.
+
+The workload is fixed by `--requests` and `--seed`: prompts of mixed lengths, mixed output
+lengths, and every fourth request with one image (encoded once, up front, by our vision tower;
+transformers gets the same pixels through its own processor and tower). For each concurrency C:
+
+- `epd`: the engine in this process, C requests in flight at a time (closed loop);
+- `hf_sequential`: transformers' `generate`, one request at a time (measured once, the same for
+  every C);
+- `hf_batched`: transformers' `generate` over batches of C left-padded requests.
+
+Every system produces exactly each request's output length (end-of-sequence ignored). TTFT and
+TPOT come from per-step timestamps (a no-op logits processor for transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench.generate import synthetic_image
+from bench.hf import HFReference, HFRequest
+from common.tokenizer import ChatTokenizer
+from services.colocated import DTYPES, ColocatedPipeline
+from services.language.engine.engine import Engine, ImageInput
+from services.language.engine.model_runner import ModelRunner
+from services.language.engine.request import SamplingParams
+from services.language.engine.scheduler import SchedulerConfig
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
+         "red", "birds", "sing", "near", "blue", "water"]  # fmt: skip
+
+
+@dataclass
+class Work:
+    ids: list[int]
+    images: list[ImageInput]
+    raw_images: list[bytes]
+    prompt: str
+    output_tokens: int
+
+
+@dataclass
+class Timing:
+    start: float
+    steps: list[float]  # wall time at which each output token was produced
+
+    @property
+    def ttft(self) -> float:
+        return self.steps[0] - self.start
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.steps)
+        return (self.steps[-1] - self.steps[0]) / (n - 1) if n > 1 else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (e.g. a `small` one)")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated in-flight counts")
+    parser.add_argument("--requests", type=int, default=32, help="requests in the workload")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20)
+    parser.add_argument("--max-batch-tokens", type=int, default=1024)
+    parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
+    parser.add_argument("--json", action="store_true", help='print {"rows": [...]} as JSON')
+
+
+def build_workload(pipe: ColocatedPipeline, n: int, seed: int) -> list[Work]:
+    rng = random.Random(seed)
+    work = []
+    for i in range(n):
+        words = rng.randint(8, 96)
+        prompt = " ".join(rng.choice(WORDS) for _ in range(words))
+        raw = [synthetic_image(224, 224, seed * 1000 + i)] if i % 4 == 0 and pipe.vision else []
+        tensors, grids = pipe.encode_images(raw) if raw else ([], [])
+        ids = pipe.prompt_ids(prompt, len(raw), [t.shape[0] for t in tensors])
+        images = [ImageInput(t, g, f"w{i}") for t, g in zip(tensors, grids, strict=True)]
+        work.append(Work(ids, images, raw, prompt, rng.choice([16, 32, 48, 64])))
+    return work
+
+
+def run(args: argparse.Namespace) -> int:
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    pipe = ColocatedPipeline(args.model, dtype=args.dtype)
+    work = build_workload(pipe, args.requests, args.seed)
+    rows: list[dict[str, Any]] = []
+    eos = pipe.tokenizer.eos_token_ids
+    hf = None
+    if not args.skip_hf:
+        hf = HFReference(args.model, pipe.cfg, DTYPES[args.dtype], eos[-1] if eos else 0)
+    if hf is not None:  # warm-up, not counted
+        hf.generate([HFRequest(work[0].ids, work[0].raw_images)], 2)
+    hf_seq = _run_hf(hf, work, 1) if hf else None
+    for c in concurrencies:
+        rows.append(_row("epd", c, *asyncio.run(_run_engine(pipe, work, c, args))))
+        if hf and hf_seq:
+            rows.append(_row("hf_sequential", c, *hf_seq))
+            rows.append(_row("hf_batched", c, *_run_hf(hf, work, c)))
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    else:
+        _print(rows, args, len(work))
+    return 0
+
+
+async def _run_engine(
+    pipe: ColocatedPipeline, work: list[Work], concurrency: int, args: argparse.Namespace
+) -> tuple[float, list[Timing]]:
+    runner = ModelRunner(pipe.cfg, pipe.decoder, args.kv_cache_bytes, dtype=pipe.dtype)
+    sched = SchedulerConfig(max_num_seqs=concurrency, max_batch_tokens=args.max_batch_tokens)
+    engine = Engine(pipe.cfg, runner, sched, frozenset(ChatTokenizer(args.model).eos_token_ids))
+    await engine.start()
+    warm = SamplingParams(max_tokens=2, ignore_eos=True)
+    async for _ in engine.generate(work[0].ids, warm, work[0].images):  # warm-up, not counted
+        pass
+    queue = list(range(len(work)))
+    timings: list[Timing | None] = [None] * len(work)
+
+    async def client() -> None:
+        while queue:
+            i = queue.pop(0)
+            w = work[i]
+            params = SamplingParams(max_tokens=w.output_tokens, ignore_eos=True)
+            t = Timing(time.perf_counter(), [])
+            async for _ in engine.generate(w.ids, params, w.images):
+                t.steps.append(time.perf_counter())
+            timings[i] = t
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    await engine.stop()
+    return elapsed, [t for t in timings if t is not None]
+
+
+def _run_hf(hf: HFReference, work: list[Work], batch: int) -> tuple[float, list[Timing]]:
+    """transformers over the workload in batches of `batch` (1 = one request at a time)."""
+    timings: list[Timing] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(work), batch):
+        group = work[i : i + batch]
+        n = max(w.output_tokens for w in group)
+        start, stamps = hf.generate([HFRequest(w.ids, w.raw_images) for w in group], n)
+        # Each request's tokens are the first `output_tokens` steps of its batch.
+        timings += [Timing(start, stamps[: w.output_tokens]) for w in group]
+    return time.perf_counter() - t0, timings
+
+
+def _row(system: str, concurrency: int, elapsed: float, timings: list[Timing]) -> dict[str, Any]:
+    tokens = sum(len(t.steps) for t in timings)
+    tpots = [t.tpot for t in timings if t.tpot is not None]
+    return {
+        "system": system,
+        "concurrency": concurrency,
+        "output_tok_s": tokens / elapsed,
+        "ttft_p50_s": statistics.median(t.ttft for t in timings),
+        "tpot_p50_s": statistics.median(tpots) if tpots else None,
+        "requests": len(timings),
+        "elapsed_s": elapsed,
+    }
+
+
+def _print(rows: list[dict[str, Any]], args: argparse.Namespace, n: int) -> None:
+    print(f"model {args.model} ({args.dtype}, {torch.get_num_threads()} threads), {n} requests")
+    print(f"{'system':<15}{'conc':>5}{'out tok/s':>11}{'TTFT p50 s':>12}{'TPOT p50 s':>12}")
+    base = {}
+    for r in rows:
+        tpot = f"{r['tpot_p50_s']:.4f}" if r["tpot_p50_s"] is not None else "-"
+        print(f"{r['system']:<15}{r['concurrency']:>5}{r['output_tok_s']:>11.1f}"
+              f"{r['ttft_p50_s']:>12.3f}{tpot:>12}")  # fmt: skip
+        base[(r["system"], r["concurrency"])] = r["output_tok_s"]
+    for (system, c), value in base.items():
+        if system == "epd" and ("hf_sequential", c) in base:
+            seq, batched = base[("hf_sequential", c)], base[("hf_batched", c)]
+            print(f"concurrency {c}: epd / hf_sequential {value / seq:.2f}x, "
+                  f"epd / hf_batched {value / batched:.2f}x")  # fmt: skip

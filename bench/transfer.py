@@ -1,0 +1,119 @@
+"""`epd bench-transfer`: consumer-side bandwidth of each transfer backend, two processes, one host.
+
+For every backend and size, a loopback producer process publishes a tensor and this process
+fetches it into a preallocated, prefaulted buffer; the time is the consumer's wall time from the
+fetch call until the data is in its buffer and acknowledged. The reference `memcpy` (one libc
+memcpy via numpy into a prefaulted buffer, as in FACTS.md) is measured in the same run, so ratios
+are comparable even on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from common.rpc import tensor_pb2
+from common.transfer import Consumer, TransferConfig
+from common.transfer.config import MIB
+from common.transfer.loopback import LoopbackProducer, make_tensor
+
+BACKENDS = ("memcpy", "shm", "nixl", "grpc")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="1,16,64", help="tensor sizes in MiB, comma separated")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help=f"subset of {','.join(BACKENDS)}"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=0, help="timed fetches per cell (default: by size, 7-30)"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list, not a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    names = [b for b in args.backends.split(",") if b]
+    unknown = set(names) - set(BACKENDS)
+    if unknown or not sizes or min(sizes) <= 0:
+        raise ValueError(f"bad --backends {sorted(unknown)} or --sizes {args.sizes!r}")
+    rows = []
+    for name in names:
+        for size, gbps in _measure(name, sizes, args.repeat).items():
+            rows.append({"backend": name, "size_mib": size, "gbps": round(gbps, 3)})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _print_table(rows, sizes, names)
+    return 0
+
+
+def _repeats(size_mib: int, repeat: int) -> int:
+    return repeat or (30 if size_mib <= 1 else 15 if size_mib <= 16 else 7)
+
+
+def _measure(backend: str, sizes: list[int], repeat: int) -> dict[int, float]:
+    """Median GB/s (1e9 bytes/s) per size for one backend."""
+    if backend == "memcpy":
+        result = {}
+        for size in sizes:
+            src = make_tensor(torch.uint8, (size * MIB,), seed=size).numpy()
+            dst = np.zeros_like(src)
+            times = []
+            for _ in range(_repeats(size, repeat) + 2):
+                start = time.perf_counter()
+                np.copyto(dst, src)
+                times.append(time.perf_counter() - start)
+            result[size] = size * MIB / statistics.median(times[2:]) / 1e9
+        return result
+    pool_mib = 4 * max(sizes) + 8
+    with (
+        LoopbackProducer(backend, pool_mib=pool_mib) as producer,
+        Consumer(TransferConfig(fetch_timeout_s=30.0)) as consumer,
+    ):
+        return {size: _measure_size(producer, consumer, size, repeat) for size in sizes}
+
+
+def _measure_size(producer: LoopbackProducer, consumer: Consumer, size: int, repeat: int) -> float:
+    shape = (size * MIB,)
+    out = torch.zeros(shape, dtype=torch.uint8)  # zeroed: prefaulted
+    times = []
+    for _ in range(_repeats(size, repeat) + 2):  # the first two warm connections and caches
+        handle = _publish(producer, shape, size)
+        start = time.perf_counter()
+        consumer.fetch(handle, out=out)
+        times.append(time.perf_counter() - start)
+    if not torch.equal(out, make_tensor(torch.uint8, shape, seed=size)):
+        raise RuntimeError(f"bench-transfer: wrong data from {producer.backends}")
+    return size * MIB / statistics.median(times[2:]) / 1e9
+
+
+def _publish(
+    producer: LoopbackProducer, shape: tuple[int, ...], size: int
+) -> tensor_pb2.TensorHandle:
+    for _ in range(100):
+        try:
+            return producer.publish(torch.uint8, shape, seed=size)
+        except RuntimeError as e:  # pool full until the reaper frees the last acknowledgements
+            if "PoolExhaustedError" not in str(e):
+                raise
+            time.sleep(0.02)
+    raise RuntimeError("bench-transfer: producer pool stayed full")
+
+
+def _print_table(rows: list[dict[str, object]], sizes: list[int], names: list[str]) -> None:
+    cell = {(r["backend"], r["size_mib"]): r["gbps"] for r in rows}
+    print(f"{'backend':<8}" + "".join(f"{f'{s} MiB GB/s':>14}" for s in sizes))
+    for name in names:
+        print(f"{name:<8}" + "".join(f"{cell[(name, s)]:>14.2f}" for s in sizes))
+    if "memcpy" in names:
+        print("ratio to memcpy:")
+        for name in names:
+            if name != "memcpy":
+                ratios = [float(cell[(name, s)]) / float(cell[("memcpy", s)]) for s in sizes]  # type: ignore[arg-type]
+                print(f"{name:<8}" + "".join(f"{r:>14.2f}" for r in ratios))

@@ -1,0 +1,150 @@
+"""Producer side: publish a tensor into the pool, get a handle any consumer can fetch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+
+import torch
+
+from common.rpc import tensor_pb2
+from common.transfer import backends, dtypes, metrics
+from common.transfer.backends.base import ExportContext, Exporter
+from common.transfer.config import TransferConfig
+from common.transfer.errors import TransferError
+from common.transfer.host import host_id
+from common.transfer.pool import TensorPool
+from common.transfer.servicer import TensorStoreServicer
+from common.transfer.shm_segment import ShmSegment, sweep_stale
+
+log = logging.getLogger(__name__)
+
+
+def enabled_backends(config: TransferConfig, store_address: str | None) -> list[str]:
+    """The locations this producer can hand out, most preferred first for `auto`."""
+    if config.backend != "auto":
+        return [config.backend]
+    names = ["shm"] if config.device == "cpu" else []
+    if backends.nixl_available():
+        names.append("nixl")
+    if store_address:
+        names.append("grpc")
+    if not names:
+        raise ValueError("backend 'auto' on a CUDA pool needs NIXL installed")
+    return names
+
+
+class Producer:
+    """Owns one pool; thread-safe. Host `servicer()` on a gRPC server at `store_address` to serve
+    the grpc backend and ReleaseTensor (required for backend 'grpc', optional otherwise)."""
+
+    def __init__(self, config: TransferConfig, store_address: str | None = None) -> None:
+        self.config = config
+        names = enabled_backends(config, store_address)
+        self.segment: ShmSegment | None = None
+        if "shm" in names:
+            sweep_stale(config.shm_prefix)  # segments of producers that died without cleanup
+            self.segment = ShmSegment.create(config.shm_prefix, config.pool_bytes)
+            assert self.segment.tensor is not None
+            memory = self.segment.tensor
+        else:
+            memory = torch.zeros(config.pool_bytes, dtype=torch.uint8, device=config.device)
+        self.pool = TensorPool(memory)
+        ctx = ExportContext(self.pool, config, self.segment, store_address)
+        self._exporters: dict[str, Exporter] = {}
+        try:
+            for name in names:
+                self._exporters[name] = backends.load(name).Exporter(ctx)
+        except BaseException:
+            self.close()
+            raise
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="epd-pool-reaper", daemon=True)
+        self._reaper.start()
+
+    @property
+    def backends(self) -> list[str]:
+        return list(self._exporters)
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.pool.bytes_in_use
+
+    def publish(
+        self,
+        tensor: torch.Tensor,
+        *,
+        peer_host: str | None = None,
+        lease_s: float | None = None,
+    ) -> tensor_pb2.TensorHandle:
+        """Copy `tensor` into the pool and describe where it is. Never blocks on consumers.
+
+        `peer_host` (the consumer's `host_id()`, if known) lets `auto` choose shm for a consumer on
+        this host. Raises PoolExhaustedError when the pool is full, TensorSpecError for a dtype
+        that cannot be sent.
+        """
+        backend = self._choose(peer_host)
+        lease = self.config.lease_s if lease_s is None else lease_s
+        if lease <= 0:
+            raise ValueError(f"lease_s must be positive, got {lease}")
+        try:
+            dtype = dtypes.to_proto(tensor.dtype)
+            slot = self.pool.put(tensor, lease)
+        except TransferError as e:
+            metrics.FAILURES.labels(backend, "producer", e.reason).inc()
+            raise
+        handle = tensor_pb2.TensorHandle(
+            id=slot.id,
+            dtype=dtype,
+            shape=list(tensor.shape),
+            nbytes=slot.nbytes,
+            expiry_unix_ms=int(slot.expiry * 1000),
+        )
+        if self.config.checksum:
+            data = self.pool.memory[slot.offset : slot.offset + slot.nbytes]
+            handle.crc32 = zlib.crc32(data.cpu().numpy().data)
+        self._exporters[backend].locate(slot, handle)
+        metrics.TRANSFERS.labels(backend, "producer").inc()
+        metrics.TRANSFER_BYTES.labels(backend, "producer").inc(slot.nbytes)
+        return handle
+
+    def release(self, tensor_id: str) -> bool:
+        """Free a published tensor now; False if unknown or already freed (never an error)."""
+        return self.pool.release(tensor_id)
+
+    def servicer(self) -> TensorStoreServicer:
+        return TensorStoreServicer(self.pool, self.config.chunk_bytes)
+
+    def close(self) -> None:
+        """Stop the reaper, drop every tensor, unregister and unlink the pool. Idempotent."""
+        if hasattr(self, "_stop"):
+            self._stop.set()
+            self._reaper.join()
+        for exporter in self._exporters.values():
+            exporter.close()
+        self._exporters.clear()
+        self.pool.close()
+        if self.segment is not None:
+            self.segment.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _choose(self, peer_host: str | None) -> str:
+        names = self.backends
+        if self.config.backend == "auto" and "shm" in names and peer_host != host_id():
+            names.remove("shm")
+        return names[0] if names else "shm"
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self.config.reap_interval_s):
+            try:
+                self.pool.reap()
+                for exporter in self._exporters.values():
+                    exporter.poll()
+            except Exception:  # keep reclaiming: one bad tick must not leak the pool
+                log.exception("tensor pool reaper tick failed")

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the gateway."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "epd_gateway_requests", "Chat requests by HTTP status", ["status"], registry=r
+        )
+        self.in_flight = Gauge("epd_gateway_in_flight_requests", "Requests in progress", registry=r)
+        self.ttft = Histogram(
+            "epd_gateway_ttft_seconds", "Language call to first token", registry=r, buckets=_BUCKETS
+        )
+        self.e2e = Histogram(
+            "epd_gateway_e2e_seconds", "Whole request, images included", registry=r,
+            buckets=_BUCKETS,
+        )  # fmt: skip
+        self.images = Counter(
+            "epd_gateway_images", "Images encoded, by encoder cache result", ["cache"], registry=r
+        )
+        self.encoder_retries = Counter(
+            "epd_gateway_encoder_retries", "Encode attempts retried on another encoder", registry=r
+        )

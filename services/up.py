@@ -1,0 +1,260 @@
+"""`epd up`: the whole system on loopback as child processes (the embedded default).
+
+Starts N encoders, one language service and the gateway, each as `python -m services.cli ROLE`,
+waits until every one reports healthy, prints the endpoints, and on Ctrl-C (or SIGTERM) stops
+them all: SIGTERM first (each drains), SIGKILL for any that outlive the grace period. Each child's
+output goes to a log file whose tail is printed if the child dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from common.grpc_bootstrap import health_check
+
+log = logging.getLogger("epd.up")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    model: str
+    encoders: int = 1
+    transport: str = "auto"
+    dtype: str = "float32"
+    http_port: int = 8000  # 0 = any free port
+    kv_cache_bytes: int = 512 << 20
+    log_dir: str | None = None
+    api_key: str | None = None
+    extra_encoder_args: tuple[str, ...] = ()
+    extra_language_args: tuple[str, ...] = ()
+    extra_gateway_args: tuple[str, ...] = ()
+
+
+@dataclass
+class Child:
+    role: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    grpc_address: str
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class Stack:
+    cfg: StackConfig
+    children: list[Child] = field(default_factory=list)
+    http_port: int = 0
+    gateway_grpc: str = ""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def role(self, name: str) -> list[Child]:
+        return [c for c in self.children if c.role == name]
+
+    def start(self, timeout: float = 300.0) -> None:
+        log_dir = Path(self.cfg.log_dir or tempfile.mkdtemp(prefix="epd-up-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        common = ["--model", self.cfg.model]
+        enc_addrs = []
+        for i in range(self.cfg.encoders):
+            port = free_port()
+            enc_addrs.append(f"127.0.0.1:{port}")
+            self._spawn(
+                "encoder",
+                log_dir / f"encoder-{i}.log",
+                port,
+                [
+                    *common,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--transport",
+                    self.cfg.transport,
+                    "--dtype",
+                    self.cfg.dtype,
+                    *self.cfg.extra_encoder_args,
+                ],
+            )
+        lang_port = free_port()
+        self._spawn(
+            "language",
+            log_dir / "language.log",
+            lang_port,
+            [
+                *common,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(lang_port),
+                "--dtype",
+                self.cfg.dtype,
+                "--kv-cache-bytes",
+                str(self.cfg.kv_cache_bytes),
+                *self.cfg.extra_language_args,
+            ],
+        )
+        self._wait_grpc(timeout)
+        self.http_port = self.cfg.http_port or free_port()
+        gw_port = free_port()
+        self.gateway_grpc = f"127.0.0.1:{gw_port}"
+        args = [*common, "--host", "127.0.0.1", "--http-port", str(self.http_port),
+                "--grpc-port", str(gw_port), "--language", f"127.0.0.1:{lang_port}",
+                "--encoders", ",".join(enc_addrs), *self.cfg.extra_gateway_args]  # fmt: skip
+        if self.cfg.api_key:
+            args += ["--api-key", self.cfg.api_key]
+        self._spawn("gateway", log_dir / "gateway.log", gw_port, args)
+        self._wait_http(timeout)
+
+    def stop(self, grace: float = 15.0) -> None:
+        for c in reversed(self.children):  # gateway first: no new work reaches the backends
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        for c in self.children:
+            try:
+                c.proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", c.role, grace)
+                c.proc.kill()
+                c.proc.wait()
+
+    def _spawn(self, role: str, log_path: Path, port: int, args: list[str]) -> None:
+        out = log_path.open("wb")
+        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", role, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches `epd up`, which stops the children in order
+        )
+        out.close()
+        self.children.append(Child(role, proc, log_path, f"127.0.0.1:{port}"))
+
+    def check_alive(self) -> None:
+        for c in self.children:
+            if c.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{c.role} exited with code {c.proc.returncode}; last log lines "
+                    f"({c.log_path}):\n{c.tail()}"
+                )
+
+    def _wait_grpc(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        pending = list(self.children)
+        while pending:
+            self.check_alive()
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"not healthy after {timeout:.0f} s: {[c.role for c in pending]}"
+                )
+            for c in list(pending):
+                with contextlib.suppress(grpc.RpcError):
+                    if health_check(c.grpc_address, timeout=1.0) == "SERVING":
+                        pending.remove(c)
+            time.sleep(0.2)
+
+    def _wait_http(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.http_port}/health"
+        while True:
+            self.check_alive()
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as r:
+                if r.status == 200:
+                    return
+            if time.monotonic() > end:
+                raise TimeoutError(f"gateway not healthy after {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running_stack(cfg: StackConfig, timeout: float = 300.0) -> Iterator[Stack]:
+    stack = Stack(cfg)
+    try:
+        stack.start(timeout)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--encoders", type=int, default=1, help="encoder processes to start")
+    parser.add_argument(
+        "--transport",
+        default="auto",
+        choices=["auto", "shm", "nixl", "grpc"],
+        help="how embeddings travel from encoders to the language service",
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--http-port", type=int, default=8000, help="OpenAI API port (0 = any)")
+    parser.add_argument("--kv-cache-bytes", type=int, default=StackConfig.kv_cache_bytes)
+    parser.add_argument("--api-key", default=None, help="require this bearer key on the API")
+    parser.add_argument("--log-dir", default=None, help="where child logs go (default: a temp dir)")
+
+
+def config_from_args(args: argparse.Namespace) -> StackConfig:
+    return StackConfig(
+        model=args.model,
+        encoders=args.encoders,
+        transport=args.transport,
+        dtype=args.dtype,
+        http_port=args.http_port,
+        kv_cache_bytes=args.kv_cache_bytes,
+        log_dir=args.log_dir,
+        api_key=args.api_key,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = Stack(config_from_args(args))
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start()
+        print(f"OpenAI API:  {stack.base_url}  (model: {Path(args.model).resolve().name})")
+        print(f"gRPC Chat:   {stack.gateway_grpc}")
+        for c in stack.children:
+            print(f"{c.role:<9} {c.grpc_address}  pid {c.proc.pid}  log {c.log_path}")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop["now"]:
+            stack.check_alive()
+            time.sleep(0.5)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"epd up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+    return 0

@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "bench.generate",
         "prefill/decode tokens/s of `epd generate` vs transformers",
     ),
+    "bench": ("bench.load", "load-test a running gateway (optionally vs the colocated pipeline)"),
     "bench-engine": ("bench.engine", "language engine throughput and latency vs transformers"),
     "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
     "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from openai import OpenAI
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call otherwise
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
     image = Path(args.image)
     mime = "image/png" if image.suffix.lower() == ".png" else "image/jpeg"

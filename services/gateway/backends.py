@@ -80,11 +80,7 @@ class BackendPool:
 
     def rank(self, key: str) -> list[Backend]:
         """Healthy backends, best first for `key` (rendezvous hashing)."""
-
-        def weight(b: Backend) -> bytes:
-            return hashlib.blake2b(f"{key}|{b.address}".encode(), digest_size=8).digest()
-
-        return sorted(self.healthy, key=weight, reverse=True)
+        return sorted(self.healthy, key=lambda b: rendezvous_weight(key, b.address), reverse=True)
 
     def least_loaded(self, exclude: Iterable[Backend] = ()) -> Backend | None:
         skip = set(exclude)
@@ -145,6 +141,11 @@ class BackendPool:
                 await self.refresh()
             except Exception:  # discovery must never die
                 log.exception("%s pool refresh failed", self.name)
+
+
+def rendezvous_weight(key: str, address: str) -> bytes:
+    """The weight of `address` for `key`: the highest weight wins the key."""
+    return hashlib.blake2b(f"{key}|{address}".encode(), digest_size=8).digest()
 
 
 def resolve_all(targets: list[str]) -> set[str]:

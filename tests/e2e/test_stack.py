@@ -1,0 +1,323 @@
+"""The whole system as users run it: `epd up`'s processes on loopback and the official OpenAI
+client."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+
+from common.grpc_bootstrap import health_check
+from common.rpc import gateway_pb2, gateway_pb2_grpc
+from services.gateway.backends import rendezvous_weight
+from services.gateway.media import content_hash
+from services.up import StackConfig, running_stack
+
+EPD = str(Path(sys.executable).parent / "epd")
+KEY = "test-key"
+PROMPT = "What is in this picture?"
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    cfg = StackConfig(
+        model=str(tiny_model),
+        encoders=2,
+        http_port=0,
+        api_key=KEY,
+        kv_cache_bytes=16 << 20,
+        extra_encoder_args=("--metrics-port", "0", "--max-image-pixels", "4000000"),
+        extra_gateway_args=(
+            "--allowed-local-media-path",
+            str(media),
+            "--max-images-per-request",
+            "3",
+            "--max-image-bytes",
+            "2000000",
+            "--encode-timeout",
+            "3",
+        ),
+    )
+    with running_stack(cfg, timeout=180) as s:
+        s.media = media  # type: ignore[attr-defined]
+        yield s
+
+
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def image_messages(images: list[bytes], text: str = PROMPT) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(b)}} for b in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def expected_text(oracle, model_dir, images, text, n):
+    hf = oracle(model_dir)
+    ids = hf.generate(hf.inputs(images, text), n)
+    eos = set(hf.model.generation_config.eos_token_id)
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    return hf.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def model_name(stack) -> str:
+    return client(stack).models.list().data[0].id
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_openai_client_gets_transformers_greedy_text(stack, tiny_model, oracle, png, n_images):
+    images = [png(150, 100, 30 + i) for i in range(n_images)]
+    want = expected_text(oracle, tiny_model, images, PROMPT, 16)
+    c = client(stack)
+    messages = image_messages(images) if images else [{"role": "user", "content": PROMPT}]
+    reply = c.chat.completions.create(
+        model=model_name(stack), messages=messages, max_tokens=16, temperature=0
+    )
+    assert reply.choices[0].message.content == want
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
+    stream = c.chat.completions.create(
+        model=model_name(stack),
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_grpc_chat_gives_the_same_text(stack, tiny_model, oracle, png):
+    image = png(120, 90, 40)
+    want = expected_text(oracle, tiny_model, [image], PROMPT, 12)
+    request = gateway_pb2.ChatRequest(
+        messages=[
+            gateway_pb2.Message(
+                role="user", content=[gateway_pb2.Part(image=image), gateway_pb2.Part(text=PROMPT)]
+            )
+        ],
+        max_tokens=12,
+        temperature=0.0,
+    )
+    with grpc.insecure_channel(stack.gateway_grpc) as channel:
+        stub = gateway_pb2_grpc.ChatStub(channel)
+        replies = list(stub.Complete(request, metadata=[("authorization", f"Bearer {KEY}")]))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Complete(request))
+    assert "".join(r.delta.text for r in replies if r.HasField("delta")) == want
+    assert replies[-1].done.completion_tokens > 0
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def encoder_metric(stack, name: str) -> list[float]:
+    values = []
+    for enc in stack.role("encoder"):
+        port = metrics_port(enc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+            text = r.read().decode()
+        values.append(
+            sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith(name) and not line.startswith("#")
+            )
+        )
+    return values
+
+
+def metrics_port(enc) -> int:
+    for line in enc.log_path.read_text().splitlines():
+        if "metrics on :" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise AssertionError(f"no metrics port in {enc.log_path}")
+
+
+def test_repeated_image_lands_on_the_same_encoder_and_hits_its_cache(stack, png):
+    image = png(100, 100, 77)
+    before = encoder_metric(stack, "epd_encoder_cache_hits_total")
+    c = client(stack)
+    for _ in range(3):
+        c.chat.completions.create(
+            model=model_name(stack), messages=image_messages([image]), max_tokens=2, temperature=0
+        )
+    gained = [a - b for a, b in zip(encoder_metric(stack, "epd_encoder_cache_hits_total"), before,
+                                     strict=True)]  # fmt: skip
+    assert sorted(gained) == [0, 2]  # one encoder saw it three times: 1 miss, 2 hits
+
+
+def post(stack, body, key=KEY, raw: bytes | None = None):
+    req = urllib.request.Request(
+        f"{stack.base_url}/chat/completions",
+        data=raw if raw is not None else json.dumps(body).encode(),
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {key}"} if key else {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_inputs_get_openai_errors_and_the_stack_stays_healthy(stack, png):
+    name = model_name(stack)
+    (stack.media / "ok.png").write_bytes(png(64, 64, 1))
+    outside = stack.media.parent / "outside.png"
+    outside.write_bytes(png(64, 64, 2))
+    corrupt = png(64, 64, 3)[:60]  # a PNG header, then nothing decodable
+    big = png(1200, 1200, 4)  # over the gateway's 2 MB byte limit
+
+    def msg(*parts):
+        return [{"role": "user", "content": list(parts)}]
+
+    def img(url):
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    cases = [
+        (None, b"{not json", 400, "not valid JSON"),
+        ({"model": name}, None, 400, "messages"),
+        ({"model": name, "messages": msg({"type": "audio_url", "audio_url": {}})}, None, 400,
+         "unsupported content part"),
+        ({"model": name, "messages": msg(img("data:text/plain;base64,aGk="))}, None, 400,
+         "not an image"),
+        ({"model": name, "messages": msg(img(data_url(corrupt)))}, None, 400, "image 0"),
+        ({"model": name, "messages": msg(img(f"file://{outside}"))}, None, 400,
+         "outside the allowed directory"),
+        ({"model": name, "messages": msg(*[img(f"file://{stack.media}/ok.png")] * 4)}, None, 400,
+         "too many images"),
+        ({"model": name, "messages": msg(img(data_url(big)))}, None, 413, "over the limit"),
+        ({"model": name, "messages": msg({"type": "text", "text": "hi"}), "temperature": 7},
+         None, 400, "temperature"),
+        ({"model": "nope", "messages": msg({"type": "text", "text": "hi"})}, None, 404, "nope"),
+    ]  # fmt: skip
+    for body, raw, status, text in cases:
+        code, reply = post(stack, body, raw=raw)
+        assert code == status, (text, reply)
+        assert text in reply["error"]["message"] and reply["error"]["type"]
+    ok_parts = msg(img(f"file://{stack.media}/ok.png"), {"type": "text", "text": "hi"})
+    ok_body = {"model": name, "messages": ok_parts, "max_tokens": 2}
+    assert post(stack, ok_body, key="wrong")[0] == 401
+    assert post(stack, ok_body, key=None)[0] == 401
+    code, reply = post(stack, ok_body)
+    assert code == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/health") as r:
+        assert r.status == 200  # /health needs no key
+
+
+def test_frozen_encoder_costs_at_most_the_deadline(stack, png):
+    """SIGSTOP the encoder an image ranks first on: the gateway retries on the other one after
+    its 3 s encode deadline, and the request still succeeds."""
+    c = client(stack)
+    name = model_name(stack)
+    frozen, other = stack.role("encoder")
+    image = next(
+        img
+        for img in (png(90, 70, 300 + i) for i in range(64))
+        if rendezvous_weight(content_hash(img), frozen.grpc_address)
+        > rendezvous_weight(content_hash(img), other.grpc_address)
+    )
+    retries = gateway_metric(stack, "epd_gateway_encoder_retries_total")
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        reply = c.chat.completions.create(
+            model=name, messages=image_messages([image]), max_tokens=2
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert 3.0 <= elapsed < 3.0 + 2.0
+    assert gateway_metric(stack, "epd_gateway_encoder_retries_total") == retries + 1
+    wait_until_healthy(stack)
+
+
+def gateway_metric(stack, name: str) -> float:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{stack.http_port}/metrics", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    with urllib.request.urlopen(req) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(x.split()[-1]) for x in lines if x.startswith(name))
+
+
+def wait_until_healthy(stack, timeout: float = 10.0) -> None:
+    """Both encoders back in the gateway's pool (its health checks run every 2 s)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(health_check(e.grpc_address) == "SERVING" for e in stack.role("encoder")):
+            time.sleep(2.5)
+            return
+        time.sleep(0.2)
+    raise AssertionError("encoders did not recover")
+
+
+def test_killing_an_encoder_during_load_fails_no_request(tiny_model, png):
+    cfg = StackConfig(model=str(tiny_model), encoders=2, http_port=0, kv_cache_bytes=16 << 20)
+    with running_stack(cfg, timeout=180) as s:
+        c = client(s)
+        name = model_name(s)
+        images = [png(80, 60, 500 + i) for i in range(60)]
+
+        def one(i: int) -> str:
+            r = c.chat.completions.create(
+                model=name, messages=image_messages([images[i]]), max_tokens=4, temperature=0
+            )
+            return r.choices[0].finish_reason
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(one, i) for i in range(60)]
+            time.sleep(1.0)
+            victim = s.role("encoder")[0]
+            victim.proc.kill()
+            reasons = [f.result() for f in futures]
+    assert len(reasons) == 60 and all(r in ("stop", "length") for r in reasons)
+
+
+def test_epd_up_prints_endpoints_and_stops_everything_on_ctrl_c(tiny_model):
+    proc = subprocess.Popen(
+        [EPD, "up", "--model", str(tiny_model), "--http-port", "0", "--kv-cache-bytes", "8000000"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        url = next(x.split()[2] for x in lines if x.startswith("OpenAI API:"))
+        with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
+            assert json.loads(r.read())["data"][0]["id"] == tiny_model.name
+        pids = [int(x.split("pid")[1].split()[0]) for x in lines if " pid " in x]
+        assert len(pids) == 3  # encoder, language, gateway
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

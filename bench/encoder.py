@@ -1,0 +1,136 @@
+"""`epd bench-encoder`: encoder images/s with dynamic batching vs one image per forward, one run.
+
+Both modes serve the same stream of distinct, mixed-size images through the real service (the
+gRPC server in this process on loopback, real transfer: each client fetches and acknowledges
+every handle, as the language service would). `--clients` closed-loop clients each send one
+image per call. The cache is off, so every image runs the tower. Modes alternate for `--rounds`
+rounds; the best round of each is reported, so a burst of load from elsewhere on the machine
+hurts both alike.
+
+- `batched`: the service defaults (max patches / images per forward, short batch window);
+- `single`: `max_batch_images = 1`, everything else equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from bench.generate import synthetic_image
+from common.grpc_bootstrap import ServerConfig
+from common.rpc import encoder_pb2, encoder_pb2_grpc
+from common.transfer import Consumer, TransferConfig, host_id
+from services.colocated import DTYPES
+from services.encoder.__main__ import EncoderServiceConfig, start
+from services.encoder.encoder import EncoderConfig
+
+DEFAULT_SIZES = "224x224,640x480,96x96,512x384,320x320,160x120,800x600,384x256"
+
+
+@dataclass
+class Result:
+    mode: str
+    images: int
+    seconds: float
+    forwards: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="models/small", help="checkpoint directory")
+    parser.add_argument("--images", type=int, default=48, help="images per mode and round")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="WxH image sizes, cycled")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per mode")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tower dtype")
+    parser.add_argument("--json", action="store_true", help="print JSON, not a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = [_size(s) for s in args.sizes.split(",") if s]
+    if args.images <= 0 or args.clients <= 0 or args.rounds <= 0 or not sizes:
+        raise ValueError("--images, --clients and --rounds must be positive, --sizes non-empty")
+    cycle = itertools.cycle(sizes)
+    # Distinct images (new seeds) in every round, so nothing could ever be served from memory.
+    streams = [
+        [synthetic_image(*next(cycle), seed=r * 100_000 + i) for i in range(args.images)]
+        for r in range(args.rounds)
+    ]
+    best: dict[str, Result] = {}
+    for r in range(args.rounds):
+        for mode in ("single", "batched"):
+            result = asyncio.run(_measure(args, mode, streams[r]))
+            if mode not in best or result.images_per_s > best[mode].images_per_s:
+                best[mode] = result
+    ratio = best["batched"].images_per_s / best["single"].images_per_s
+    if args.json:
+        rows = [{**vars(r), "images_per_s": round(r.images_per_s, 2)} for r in best.values()]
+        print(json.dumps({"results": rows, "speedup": round(ratio, 3)}))
+    else:
+        _print_table(list(best.values()), ratio, args.clients)
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, height = text.lower().split("x")
+    return int(width), int(height)
+
+
+async def _measure(args: argparse.Namespace, mode: str, images: list[bytes]) -> Result:
+    batching = EncoderConfig(cache_bytes=0, max_batch_images=64 if mode == "batched" else 1)
+    cfg = EncoderServiceConfig(
+        model=args.model,
+        server=ServerConfig(host="127.0.0.1", port=0, max_message_bytes=64 << 20),
+        transfer=TransferConfig(backend="shm", pool_bytes=256 << 20, shm_prefix="epd-bench-"),
+        encoder=batching,
+        dtype=args.dtype,
+    )
+    service = await start(cfg)
+    try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub = encoder_pb2_grpc.EncoderStub(channel)
+            with Consumer() as consumer:
+                await _drive(stub, consumer, images[: args.clients], args.clients)  # warm-up
+                assert service.encoder is not None
+                forwards = service.encoder.batcher.forwards
+                started = time.perf_counter()
+                await _drive(stub, consumer, images, args.clients)
+                seconds = time.perf_counter() - started
+                forwards = service.encoder.batcher.forwards - forwards
+    finally:
+        await service.stop(0)
+    return Result(mode, len(images), seconds, forwards)
+
+
+async def _drive(
+    stub: encoder_pb2_grpc.EncoderStub, consumer: Consumer, images: list[bytes], clients: int
+) -> None:
+    queue = iter(images)
+    host = host_id()
+
+    async def client() -> None:
+        for data in queue:  # shared iterator: each image is sent once, by whichever is free
+            req = encoder_pb2.EncodeRequest(images=[encoder_pb2.ImageData(data=data)],
+                                            consumer_host=host)  # fmt: skip
+            reply = await stub.Encode(req, timeout=300)
+            await consumer.fetch_async(reply.images[0].handle)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+def _print_table(results: list[Result], ratio: float, clients: int) -> None:
+    print(f"{'mode':<8}{'images':>8}{'seconds':>10}{'images/s':>10}{'forwards':>10}"
+          f"{'imgs/fwd':>10}")  # fmt: skip
+    for r in results:
+        print(f"{r.mode:<8}{r.images:>8}{r.seconds:>10.2f}{r.images_per_s:>10.2f}"
+              f"{r.forwards:>10}{r.images / max(r.forwards, 1):>10.2f}")  # fmt: skip
+    print(f"batched / single at {clients} clients: {ratio:.2f}x")

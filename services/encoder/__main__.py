@@ -1,0 +1,265 @@
+"""`epd encoder`: the encoder service (gRPC `Encoder` + `TensorStore`, health, reflection,
+/metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from common.config import ModelConfig
+from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
+from common.rpc import encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from common.transfer import Producer, TransferConfig
+from common.transfer.config import BACKEND_CHOICES
+from services.colocated import DTYPES
+from services.encoder.encoder import MIB, Encoder, EncoderConfig
+from services.encoder.metrics import EncoderMetrics
+from services.encoder.preprocess import DEFAULT_MAX_INPUT_PIXELS, PreprocessConfig
+from services.encoder.servicer import EncoderServicer
+from services.encoder.weights import load_vision_tower
+
+log = logging.getLogger("epd.encoder")
+DEFAULT_PORT = 50051
+_ALL_INTERFACES = ("", "0.0.0.0", "::", "[::]")
+
+
+@dataclass(frozen=True)
+class EncoderServiceConfig:
+    model: str
+    server: ServerConfig
+    transfer: TransferConfig
+    encoder: EncoderConfig
+    dtype: str = "float32"
+    device: str = "cpu"
+    # Decoding refuses images with more pixels than this (before allocating them).
+    max_image_pixels: int = DEFAULT_MAX_INPUT_PIXELS
+    # Host put in gRPC-backend handles ("host:port" of our TensorStore); None = the listen host,
+    # or this machine's hostname when listening on all interfaces.
+    advertise_host: str | None = None
+    # After the drain on SIGTERM, how long consumers may still pull published tensors (shm,
+    # nixl) before the pool is unlinked, in seconds.
+    handoff_s: float = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Qwen3-VL(-MoE) checkpoint directory")
+    add_server_arguments(parser, DEFAULT_PORT)
+    d = EncoderConfig()
+    g = parser.add_argument_group("encoder")
+    g.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=EncoderServiceConfig.dtype,
+        help="vision tower and wire tensor dtype",
+    )
+    g.add_argument("--device", default=EncoderServiceConfig.device, help="cpu or cuda[:N]")
+    g.add_argument(
+        "--max-batch-patches",
+        type=int,
+        default=d.max_batch_patches,
+        help="patches per tower forward at most (a larger image runs alone)",
+    )
+    g.add_argument(
+        "--max-batch-images",
+        type=int,
+        default=d.max_batch_images,
+        help="images per tower forward at most (1 = no batching)",
+    )
+    g.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_s * 1000,
+        help="how long an idle tower waits for more images to batch",
+    )
+    g.add_argument(
+        "--max-queue-images",
+        type=int,
+        default=d.max_queue_images,
+        help="images waiting beyond which calls get RESOURCE_EXHAUSTED",
+    )
+    g.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
+    g.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=d.max_image_bytes,
+        help="encoded bytes per image at most",
+    )
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        help="decoded pixels per image at most (checked before decoding)",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=64 * MIB,
+        help="gRPC message size limit: all images of one call together",
+    )
+    g.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=d.cache_bytes,
+        help="bytes of encoder outputs to cache by image hash (0 = off)",
+    )
+    g.add_argument(
+        "--preprocess-threads",
+        type=int,
+        default=d.preprocess_threads,
+        help="threads decoding and resizing images",
+    )
+    t = parser.add_argument_group("transfer")
+    t.add_argument(
+        "--transport",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="how consumers pull tensors (auto: shm on this host, else nixl, else grpc)",
+    )
+    t.add_argument(
+        "--pool-bytes",
+        type=int,
+        default=TransferConfig.pool_bytes,
+        help="transfer pool size, preallocated",
+    )
+    t.add_argument(
+        "--lease",
+        type=float,
+        default=TransferConfig.lease_s,
+        help="seconds an unacknowledged tensor stays valid",
+    )
+    t.add_argument(
+        "--shm-prefix",
+        default=TransferConfig.shm_prefix,
+        help="name prefix of this encoder's /dev/shm segment (starts with 'epd-')",
+    )
+    t.add_argument(
+        "--advertise-host",
+        default=None,
+        help="host consumers dial for the grpc transport (e.g. the pod IP)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
+    server = dataclasses.replace(server_config(args), max_message_bytes=args.max_request_bytes)
+    return EncoderServiceConfig(
+        model=args.model,
+        server=server,
+        transfer=TransferConfig(
+            backend=args.transport,
+            pool_bytes=args.pool_bytes,
+            lease_s=args.lease,
+            shm_prefix=args.shm_prefix,
+        ),
+        encoder=EncoderConfig(
+            max_batch_patches=args.max_batch_patches,
+            max_batch_images=args.max_batch_images,
+            max_wait_s=args.max_wait_ms / 1000,
+            max_queue_images=args.max_queue_images,
+            max_images_per_request=args.max_images_per_request,
+            max_image_bytes=args.max_image_bytes,
+            cache_bytes=args.cache_bytes,
+            preprocess_threads=args.preprocess_threads,
+        ),
+        dtype=args.dtype,
+        device=args.device,
+        max_image_pixels=args.max_image_pixels,
+        advertise_host=args.advertise_host,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(config_from_args(args)))
+    return 0
+
+
+@dataclass
+class EncoderService:
+    """A running encoder service (what `serve` runs; tests drive it directly)."""
+
+    cfg: EncoderServiceConfig
+    server: GrpcServer
+    servicer: EncoderServicer
+    producer: Producer
+    metrics: EncoderMetrics
+    encoder: Encoder | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    async def load(self) -> None:
+        """Load the weights off the event loop, warm up, then report SERVING."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        tower = await asyncio.to_thread(
+            load_vision_tower,
+            cfg.model,
+            ModelConfig.from_dir(cfg.model),
+            DTYPES[cfg.dtype],
+            cfg.device,
+        )
+        log.info("vision tower loaded in %.2f s", time.perf_counter() - started)
+        pre = PreprocessConfig.from_dir(cfg.model, max_input_pixels=cfg.max_image_pixels)
+        encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device)
+        await encoder.start()
+        self.encoder = encoder
+        await encoder.warm_up()
+        self.servicer.encoder = encoder
+        await self.server.set_serving()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop at once (no hand-off period): for tests and embedding."""
+        await self.server.stop(grace)
+        await self.close(handoff_s=0.0)
+
+    async def close(self, handoff_s: float) -> None:
+        """After the server stopped: let consumers finish pulling, then free everything."""
+        end = time.monotonic() + handoff_s
+        while self.producer.bytes_in_use > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if self.encoder is not None:
+            await self.encoder.stop()
+        self.producer.close()
+
+
+async def create(cfg: EncoderServiceConfig) -> EncoderService:
+    """Listen with health NOT_SERVING (Encode answers UNAVAILABLE until `load`)."""
+    names = [
+        encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name,
+        tensor_pb2.DESCRIPTOR.services_by_name["TensorStore"].full_name,
+    ]
+    server = GrpcServer(cfg.server, names)
+    host = cfg.advertise_host or cfg.server.host
+    if host in _ALL_INTERFACES:
+        host = socket.gethostname()
+    producer = Producer(cfg.transfer, store_address=f"{host}:{server.port}")
+    try:
+        metrics = EncoderMetrics()
+        servicer = EncoderServicer(None)
+        encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server.server)
+        producer.servicer().add_to_server(server.server)
+        await server.start(metrics.registry)
+    except BaseException:
+        producer.close()
+        raise
+    return EncoderService(cfg, server, servicer, producer, metrics)
+
+
+async def start(cfg: EncoderServiceConfig) -> EncoderService:
+    service = await create(cfg)
+    try:
+        await service.load()
+    except BaseException:
+        await service.stop(0)
+        raise
+    return service
+
+
+async def serve(cfg: EncoderServiceConfig) -> None:
+    service = await start(cfg)
+    await service.server.serve_until_signal(lambda: service.close(cfg.handoff_s))

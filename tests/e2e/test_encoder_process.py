@@ -1,0 +1,78 @@
+"""`epd encoder` as a real process: SIGTERM finishes in-flight calls, hands off, then exits."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from common.rpc import encoder_pb2, encoder_pb2_grpc
+from common.transfer import Consumer, host_id
+
+EPD = str(Path(sys.executable).parent / "epd")
+SHM_PREFIX = f"epd-test-encproc-{os.getpid()}-"
+
+
+def wait_serving(proc: subprocess.Popen[str], lines: list[str], timeout: float = 60.0) -> int:
+    """Read the log until SERVING; returns the gRPC port (the process was started on port 0)."""
+    end = time.monotonic() + timeout
+    port = None
+    while time.monotonic() < end:
+        line = proc.stderr.readline() if proc.stderr else ""
+        if not line:
+            raise AssertionError(f"encoder exited early:\n{''.join(lines)}")
+        lines.append(line)
+        if m := re.search(r"gRPC listening on [\d.]+:(\d+)", line):
+            port = int(m.group(1))
+        if "SERVING" in line and port is not None:
+            return port
+    raise AssertionError(f"encoder not SERVING after {timeout} s:\n{''.join(lines)}")
+
+
+def test_sigterm_finishes_in_flight_requests_before_exiting(tiny_model, png):
+    cmd = [
+        EPD, "encoder", "--model", str(tiny_model), "--host", "127.0.0.1", "--port", "0",
+        "--transport", "shm", "--shm-prefix", SHM_PREFIX, "--pool-bytes", str(4 << 20),
+        "--max-wait-ms", "800", "--grace-period", "10",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        port = wait_serving(proc, lines)
+        # The rest of the log is drained by a thread so the process never blocks on its pipe.
+        drain = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+        drain.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, Consumer() as consumer:
+            stub = encoder_pb2_grpc.EncoderStub(channel)
+            calls = [
+                stub.Encode.future(
+                    encoder_pb2.EncodeRequest(
+                        images=[encoder_pb2.ImageData(data=png(64 + 8 * i, 64, i))],
+                        consumer_host=host_id(),
+                    ),
+                    timeout=30,
+                )
+                for i in range(3)
+            ]
+            time.sleep(0.3)  # all three wait in the 800 ms batch window
+            assert not any(c.done() for c in calls)
+            proc.send_signal(signal.SIGTERM)
+            replies = [c.result() for c in calls]
+            # The pool outlives the drain (hand-off period): the handles are still fetchable.
+            tensors = [consumer.fetch(r.images[0].handle) for r in replies]
+        assert proc.wait(timeout=30) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [t.shape[0] for t in tensors] == [r.images[0].n_tokens for r in replies]
+    log = "".join(lines)
+    assert "signal received: draining" in log and "stopped" in log
+    assert not list(Path("/dev/shm").glob(f"{SHM_PREFIX}*"))

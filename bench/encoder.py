@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import grpc
 
 from bench.generate import synthetic_image
+from common.dtypes import DTYPES
 from common.grpc_bootstrap import ServerConfig
 from common.rpc import encoder_pb2, encoder_pb2_grpc
 from common.transfer import Consumer, TransferConfig, host_id
-from services.colocated import DTYPES
 from services.encoder.__main__ import EncoderServiceConfig, start
 from services.encoder.encoder import EncoderConfig
 

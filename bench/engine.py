@@ -28,8 +28,9 @@ import torch
 
 from bench.generate import synthetic_image
 from bench.hf import HFReference, HFRequest
+from common.dtypes import DTYPES
 from common.tokenizer import ChatTokenizer
-from services.colocated import DTYPES, ColocatedPipeline
+from services.colocated import ColocatedPipeline
 from services.language.engine.engine import Engine, ImageInput
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import SamplingParams

@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from bench.hf import HFReference, HFRequest
-from services.colocated import DTYPES, ColocatedPipeline
+from common.dtypes import DTYPES
+from services.colocated import ColocatedPipeline
 from services.language.engine.request import SamplingParams
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from common.config import ModelConfig
+from common.dtypes import torch_dtype
 from common.tokenizer import ChatTokenizer
 from services.encoder.preprocess import PreprocessConfig, preprocess
 from services.encoder.weights import load_vision_tower
@@ -23,8 +24,6 @@ from services.language.engine.sampler import SampleInput, make_generator, sample
 from services.language.inputs import expand_image_pads, scatter_images
 from services.language.mrope import decode_positions, mrope_positions
 from services.language.weights import load_decoder
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -38,9 +37,7 @@ class GenerateResult:
 
 class ColocatedPipeline:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.dtype, self.device = DTYPES[dtype], torch.device(device)
+        self.dtype, self.device = torch_dtype(dtype), torch.device(device)
         self.cfg = ModelConfig.from_dir(model_dir)
         self.tokenizer = ChatTokenizer(model_dir)
         self.vision = None

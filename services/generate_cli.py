@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from services.colocated import DTYPES, ColocatedPipeline
+from common.dtypes import DTYPES
+from services.colocated import ColocatedPipeline
 from services.language.engine.request import SamplingParams
 
 

@@ -7,7 +7,11 @@ error's `reason` (see errors.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 TRANSFER_BYTES = Counter(
     "epd_transfer_bytes",
@@ -38,3 +42,12 @@ FETCH_SECONDS = Histogram(
     ["backend"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0),
 )
+
+
+class TransferCollector(Collector):
+    """Re-exports these metrics in a service's own registry (`registry.register(...)`)."""
+
+    def collect(self) -> Iterator[Metric]:
+        for m in (TRANSFER_BYTES, TRANSFERS, FAILURES, POOL_BYTES_IN_USE, POOL_BYTES_CAPACITY,
+                  FETCH_SECONDS):  # fmt: skip
+            yield from m.collect()

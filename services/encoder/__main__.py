@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 
 from common.config import ModelConfig
+from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.rpc import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from common.transfer import Producer, TransferConfig
 from common.transfer.config import BACKEND_CHOICES
-from services.colocated import DTYPES
 from services.encoder.encoder import MIB, Encoder, EncoderConfig
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.preprocess import DEFAULT_MAX_INPUT_PIXELS, PreprocessConfig

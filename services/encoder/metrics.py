@@ -3,11 +3,7 @@ batching and latency histograms, cache counters, and the transfer layer's counte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from common.transfer import metrics as transfer_metrics
 
@@ -56,19 +52,4 @@ class EncoderMetrics:
             "epd_encoder_rejected_images", "Images refused, by reason", ["reason"], registry=r
         )
         # The transfer layer counts into the process-wide default registry; export those here.
-        r.register(_Forward())
-
-
-class _Forward(Collector):
-    """Re-exports the transfer layer's metrics (default registry) in this registry."""
-
-    def collect(self) -> Iterator[Metric]:
-        for m in (
-            transfer_metrics.TRANSFER_BYTES,
-            transfer_metrics.TRANSFERS,
-            transfer_metrics.FAILURES,
-            transfer_metrics.POOL_BYTES_IN_USE,
-            transfer_metrics.POOL_BYTES_CAPACITY,
-            transfer_metrics.FETCH_SECONDS,
-        ):
-            yield from m.collect()
+        r.register(transfer_metrics.TransferCollector())

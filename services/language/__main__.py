@@ -8,11 +8,11 @@ import logging
 from dataclasses import dataclass
 
 from common.config import ModelConfig
+from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.rpc import language_pb2, language_pb2_grpc
 from common.tokenizer import ChatTokenizer
 from common.transfer import Consumer
-from services.colocated import DTYPES
 from services.language.engine.engine import Engine
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import SamplingParams

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.transfer.metrics import TransferCollector
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -37,6 +39,8 @@ class LanguageMetrics:
         self.preemptions = Counter(
             "epd_language_preemptions", "Requests preempted for KV space", registry=r
         )
+        # The transfer layer counts into the process-wide default registry; export those here.
+        r.register(TransferCollector())
         self.finished = Counter(
             "epd_language_requests", "Finished requests by reason", ["finish_reason"], registry=r
         )

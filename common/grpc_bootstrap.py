@@ -22,6 +22,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -82,15 +83,16 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.metrics_port: int | None = None
+        self._httpd: Any = None
 
     async def start(self, registry: CollectorRegistry | None = None) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.cfg.metrics_port is not None and registry is not None:
-            httpd, _ = start_http_server(
+            self._httpd, _ = start_http_server(
                 self.cfg.metrics_port, addr=self.cfg.host, registry=registry
             )
-            self.metrics_port = httpd.server_port
+            self.metrics_port = self._httpd.server_port
         log.info("gRPC listening on %s:%d%s", self.cfg.host, self.port,
                  f", metrics on :{self.metrics_port}" if self.metrics_port else "")  # fmt: skip
 
@@ -102,6 +104,10 @@ class GrpcServer:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.cfg.grace_s if grace is None else grace)
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
 
     async def serve_until_signal(
         self, on_stop: Callable[[], Awaitable[None]] | None = None

@@ -15,7 +15,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,nixl]'
+	$(BIN)/pip install --quiet -e '.[dev,nixl,gpu]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

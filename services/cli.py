@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-engine": ("bench.engine", "language engine throughput and latency vs transformers"),
     "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
     "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),
+    "bench-kernels": ("bench.kernels", "MoE layer time, Triton vs torch, vs HBM/bf16 peaks (GPU)"),
 }
 
 

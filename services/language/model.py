@@ -21,6 +21,7 @@ from torch import nn
 
 from common.config import TextConfig
 from services.language.attention import AttentionBackend
+from services.language.kernels import add_rms_norm_kernel, moe_kernel, rms_norm_kernel
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +31,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm_kernel(x.device)(x, self.weight, self.eps)
+
+    def forward_residual(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused `residual + x` and its norm: returns (normed, new_residual)."""
+        return add_rms_norm_kernel(x.device)(x, residual, self.weight, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -139,23 +144,8 @@ class Experts(nn.Module):
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     ) -> torch.Tensor:
-        """x `[T, H]`, weights/experts `[T, K]` -> `[T, H]`: torch reference, loops over experts."""
-        out = torch.zeros_like(x)
-        flat = experts.flatten()  # [T*K]
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        k = experts.shape[1]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = order[start : start + n]
-            start += n
-            tokens = idx // k
-            gate, up = F.linear(x[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n, H]
-            out.index_add_(0, tokens, y * weights.flatten()[idx, None])
-        return out
+        """x `[T, H]`, weights/experts `[T, K]` -> `[T, H]` via the kernel registry."""
+        return moe_kernel(x.device)(x, self.gate_up_proj, self.down_proj, weights, experts)
 
 
 class SparseMoeBlock(nn.Module):
@@ -184,8 +174,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        normed, x = self.post_attention_layernorm.forward_residual(h, x)  # x <- x + h
+        return x + self.mlp(normed)
 
 
 class Qwen3MoeModel(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from services.language.kernels import paged_attention
+from services.language.kernels import attention_kernel
 
 
 class KVStorage:
@@ -50,6 +50,9 @@ class ForwardBatch:
         self.storage = storage
         self.seqs = seqs
         self.slot_mapping = torch.cat([slots[-q_len:] for _, q_len, slots in seqs])  # [T]
+        device = storage.k.device
+        self.attention = attention_kernel(device)
+        self.attention_meta = self.attention.prepare(seqs, storage.k.shape[2], device)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -57,4 +60,4 @@ class ForwardBatch:
         k_cache, v_cache = self.storage.k[layer], self.storage.v[layer]
         k_cache.index_copy_(0, self.slot_mapping, k)
         v_cache.index_copy_(0, self.slot_mapping, v)
-        return paged_attention(q, k_cache, v_cache, self.seqs, scale)
+        return self.attention(q, k_cache, v_cache, self.attention_meta, scale)

@@ -1,11 +1,155 @@
 """Compute kernels of the decoder behind small interfaces, chosen by device (never by model name).
 
-`torch_ref` holds the plain-torch reference implementations, which run everywhere and define the
-expected results; GPU kernels register next to them and are selected for CUDA tensors.
+`torch_ref` holds the plain-torch reference implementations, which run everywhere
+and define the expected results. The `triton_*` modules hold the GPU kernels, imported lazily and
+chosen for CUDA tensors when Triton is installed. `EPD_KERNELS=torch|triton` (or `force=`) picks
+one for every device; forcing Triton on a CPU tensor works only under `TRITON_INTERPRET=1`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+from typing import Literal, Protocol
+
+import torch
+
+from services.language.kernels import torch_ref
 from services.language.kernels.torch_ref import paged_attention
 
-__all__ = ["paged_attention"]
+Backend = Literal["torch", "triton"]
+BACKENDS: tuple[Backend, ...] = ("torch", "triton")
+ENV_VAR = "EPD_KERNELS"
+
+Seqs = list[tuple[int, int, torch.Tensor]]  # (q_start, q_len, kv_slots) per sequence
+
+
+class MoeFn(Protocol):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        weights: torch.Tensor,
+        experts: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+class NormFn(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+
+class AddNormFn(Protocol):
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class AttentionKernel(Protocol):
+    """Paged attention: `prepare` once per forward (metadata shared by all layers), then one call
+    per layer with that layer's K/V cache `[slots, Hkv, hd]` (the new tokens already written)."""
+
+    def prepare(self, seqs: Seqs, num_kv_heads: int, device: torch.device) -> object: ...
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: object,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_for(device: torch.device, force: str | None = None) -> Backend:
+    """`force`, else `$EPD_KERNELS`, else Triton for CUDA tensors when installed, else torch."""
+    choice = force or os.environ.get(ENV_VAR) or None
+    if choice is None:
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {choice!r}")
+    return "triton" if choice == "triton" else "torch"
+
+
+def moe_kernel(device: torch.device, force: str | None = None) -> MoeFn:
+    if backend_for(device, force) == "triton":
+        from services.language.kernels import triton_moe
+
+        return triton_moe.fused_moe
+    return torch_ref.fused_moe
+
+
+def rms_norm_kernel(device: torch.device, force: str | None = None) -> NormFn:
+    if backend_for(device, force) == "triton":
+        from services.language.kernels import triton_norm
+
+        return triton_norm.rms_norm
+    return torch_ref.rms_norm
+
+
+def add_rms_norm_kernel(device: torch.device, force: str | None = None) -> AddNormFn:
+    if backend_for(device, force) == "triton":
+        from services.language.kernels import triton_norm
+
+        return triton_norm.add_rms_norm
+    return torch_ref.add_rms_norm
+
+
+class TorchAttention:
+    def prepare(self, seqs: Seqs, num_kv_heads: int, device: torch.device) -> object:
+        return torch_ref.prepare_paged(seqs)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: object,
+        scale: float,
+    ) -> torch.Tensor:
+        assert isinstance(meta, torch_ref.PagedMeta)  # built by prepare
+        return torch_ref.paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+class TritonAttention:
+    """Decode rows through the Triton paged kernel; prefill chunks through the torch reference."""
+
+    def prepare(self, seqs: Seqs, num_kv_heads: int, device: torch.device) -> object:
+        from services.language.kernels import triton_attention
+
+        return triton_attention.prepare(seqs, num_kv_heads, device)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: object,
+        scale: float,
+    ) -> torch.Tensor:
+        from services.language.kernels import triton_attention
+
+        assert isinstance(meta, triton_attention.Meta)  # built by prepare
+        return triton_attention.paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+def attention_kernel(device: torch.device, force: str | None = None) -> AttentionKernel:
+    return TritonAttention() if backend_for(device, force) == "triton" else TorchAttention()
+
+
+__all__ = [
+    "ENV_VAR",
+    "AttentionKernel",
+    "add_rms_norm_kernel",
+    "attention_kernel",
+    "backend_for",
+    "moe_kernel",
+    "paged_attention",
+    "rms_norm_kernel",
+]

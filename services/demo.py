@@ -1,8 +1,9 @@
 """`epd demo`: start the stack, ask one question about an image with the OpenAI client, stop.
 
-What `make demo` runs. The answer is printed with where the time went: encode (preprocessing and
-the vision tower, on an encoder), transfer (the language service pulling the embeddings), prefill
-and decode (language service), and the client's end-to-end time.
+What `make demo` runs. The answer is printed with where the time went: preprocess (decode, resize,
+patchify on an encoder), encode (the rest of the Encode call: batching, the vision tower,
+publishing, the RPC), transfer (the language service pulling the embeddings), prefill and decode
+(language service), and the client's end-to-end time.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         f"\n{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated "
         f"(finish: {choice.finish_reason})"
     )
-    for stage in ("encode", "transfer", "prefill", "decode"):
+    for stage in ("preprocess", "encode", "transfer", "prefill", "decode"):
         print(f"  {stage:<9}{timings.get(stage, 0.0) * 1000:9.1f} ms")
     print(f"  {'total':<9}{elapsed * 1000:9.1f} ms (client, end to end)")
     return 0 if choice.finish_reason in ("stop", "length") else 1

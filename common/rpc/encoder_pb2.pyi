@@ -30,18 +30,22 @@ class EncodeReply(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[EncodedImage, _Mapping]]] = ...) -> None: ...
 
 class EncodedImage(_message.Message):
-    __slots__ = ("handle", "grid_thw", "n_tokens", "image_hash", "cache_hit")
+    __slots__ = ("handle", "grid_thw", "n_tokens", "image_hash", "cache_hit", "preprocess_seconds", "encode_seconds")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     GRID_THW_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HASH_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     handle: _tensor_pb2.TensorHandle
     grid_thw: GridTHW
     n_tokens: int
     image_hash: str
     cache_hit: bool
-    def __init__(self, handle: _Optional[_Union[_tensor_pb2.TensorHandle, _Mapping]] = ..., grid_thw: _Optional[_Union[GridTHW, _Mapping]] = ..., n_tokens: _Optional[int] = ..., image_hash: _Optional[str] = ..., cache_hit: _Optional[bool] = ...) -> None: ...
+    preprocess_seconds: float
+    encode_seconds: float
+    def __init__(self, handle: _Optional[_Union[_tensor_pb2.TensorHandle, _Mapping]] = ..., grid_thw: _Optional[_Union[GridTHW, _Mapping]] = ..., n_tokens: _Optional[int] = ..., image_hash: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., preprocess_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ...) -> None: ...
 
 class GridTHW(_message.Message):
     __slots__ = ("t", "h", "w")

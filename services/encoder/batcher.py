@@ -163,5 +163,8 @@ class Batcher:
         self.metrics.encode_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_images.observe(len(batch))
         self.metrics.batch_patches.observe(sum(w.patches for w in batch))
+        done = time.perf_counter()
         for work, out in zip(batch, outs, strict=True):
-            self._settle(work.pending, CachedImage(out, work.image.grid_thw), None)
+            p = work.pending
+            entry = CachedImage(out, work.image.grid_thw, p.preprocess_s, done - p.queued_at)
+            self._settle(p, entry, None)

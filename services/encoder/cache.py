@@ -23,6 +23,8 @@ Grid = tuple[int, int, int]
 class CachedImage:
     tensor: torch.Tensor  # [n_tokens, (1+D)*H] on the CPU, contiguous, model dtype
     grid_thw: Grid  # in patches, before the merge
+    preprocess_s: float = 0.0  # how long producing it took: decode/resize/patchify
+    forward_s: float = 0.0  # batching wait plus the tower forward
 
 
 class TensorCache:
@@ -75,6 +77,8 @@ class Pending:
     # Latest deadline (event-loop time) among the waiters; None once any waiter has none.
     deadline: float | None = field(default=None)
     has_deadline: bool = True
+    preprocess_s: float = 0.0
+    queued_at: float = 0.0  # perf_counter() when handed to the batcher
 
     def join(self, deadline: float | None) -> None:
         self.waiters += 1

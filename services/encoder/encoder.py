@@ -93,6 +93,8 @@ class EncodedImage:
     n_tokens: int
     image_hash: str  # hex SHA-256 of the bytes
     cache_hit: bool
+    preprocess_s: float = 0.0  # 0 for a cache hit
+    forward_s: float = 0.0  # batching wait + tower forward; 0 for a cache hit
 
 
 class Encoder:
@@ -188,7 +190,7 @@ class Encoder:
         merge2 = self.tower.cfg.spatial_merge_size**2
         return [
             EncodedImage(h, e.grid_thw, e.grid_thw[0] * e.grid_thw[1] * e.grid_thw[2] // merge2,
-                         digest, hit)
+                         digest, hit, 0.0 if hit else e.preprocess_s, 0.0 if hit else e.forward_s)
             for h, (e, digest, hit) in zip(handles, entries, strict=True)
         ]  # fmt: skip
 
@@ -259,6 +261,7 @@ class Encoder:
     async def _produce(self, pending: Pending, data: bytes) -> None:
         """Preprocess one image and queue it for the batcher (which settles `pending`)."""
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             image = await loop.run_in_executor(
                 self._preprocess, preprocess, data, self.preprocess_cfg
@@ -273,6 +276,8 @@ class Encoder:
         if pending.abandoned(loop.time()):
             self._settle(pending, exc=Dropped("request cancelled or deadline passed"))
             return
+        pending.queued_at = time.perf_counter()
+        pending.preprocess_s = pending.queued_at - started
         self.batcher.submit(pending, image)
 
     def _settle(

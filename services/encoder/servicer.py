@@ -54,4 +54,6 @@ def _to_proto(r: EncodedImage) -> encoder_pb2.EncodedImage:
         n_tokens=r.n_tokens,
         image_hash=r.image_hash,
         cache_hit=r.cache_hit,
+        preprocess_seconds=r.preprocess_s,
+        encode_seconds=r.forward_s,
     )

@@ -4,8 +4,8 @@
    whether shared memory can reach it).
 2. Render the chat template, tokenize.
 3. Encode every image in parallel, each on the encoder ranked first for its content hash
-   (rendezvous hashing: cache affinity), retrying down the ranking when an encoder fails or
-   does not answer within `encode_timeout_s`.
+   (rendezvous hashing: cache affinity), retrying on the least-loaded other encoders when it
+   fails or does not answer within `encode_timeout_s`.
 4. Expand each image placeholder to the image's token count and stream `Language.Generate`.
 5. Detokenize incrementally, apply stop strings (aborting the generation downstream), and report
    usage and per-stage timings at the end.
@@ -78,7 +78,9 @@ class Final:
 class _Encoded:
     ref: language_pb2.ImageRef
     n_tokens: int
-    seconds: float
+    seconds: float  # the Encode call as the gateway saw it
+    preprocess_s: float  # inside the encoder (0 on a cache hit)
+    forward_s: float
 
 
 class Orchestrator:
@@ -118,7 +120,12 @@ class Orchestrator:
         if len(prompt) >= context:
             raise ApiError(400, f"prompt is {len(prompt)} tokens; the context is {context}")
         max_tokens = min(req.max_tokens or context, context - len(prompt))
-        timings = {"encode": max((e.seconds for e in images), default=0.0)}
+        # Images are encoded in parallel: the slowest one is the stage's cost.
+        slowest = max(images, key=lambda e: e.seconds, default=None)
+        timings = {"preprocess": 0.0, "encode": 0.0}
+        if slowest is not None:
+            timings["preprocess"] = slowest.preprocess_s
+            timings["encode"] = slowest.seconds - slowest.preprocess_s
         generate = language_pb2.GenerateRequest(
             request_id=req.request_id,
             prompt_token_ids=prompt,
@@ -163,8 +170,14 @@ class Orchestrator:
                     yield Delta(rest, [])
                 if f.reason == language_pb2.FINISH_REASON_ERROR:
                     raise ApiError(500, f"generation failed: {f.error}")
-                yield self._final(FINISH[f.reason], request, f.usage.completion_tokens,
-                                  f.usage.cached_tokens, timings, f.timings)  # fmt: skip
+                yield self._final(
+                    FINISH[f.reason],
+                    request,
+                    f.usage.completion_tokens,
+                    f.usage.cached_tokens,
+                    timings,
+                    f.timings,
+                )
                 return
         except grpc.aio.AioRpcError as e:
             raise _language_error(e) from None
@@ -213,7 +226,10 @@ class Orchestrator:
         request = encoder_pb2.EncodeRequest(
             images=[encoder_pb2.ImageData(data=data, content_hash=key)], consumer_host=consumer_host
         )
-        for backend in self.encoders.rank(key)[: self.options.max_encode_attempts]:
+        # The encoder that owns this content hash first (its cache), then the least loaded.
+        ranked = self.encoders.rank(key)
+        order = ranked[:1] + sorted(ranked[1:], key=lambda b: b.outstanding)
+        for backend in order[: self.options.max_encode_attempts]:
             stub = encoder_pb2_grpc.EncoderStub(backend.channel)
             backend.outstanding += 1
             t0 = time.monotonic()
@@ -240,7 +256,13 @@ class Orchestrator:
                 grid_thw=language_pb2.GridTHW(t=g.t, h=g.h, w=g.w),
                 image_hash=out.image_hash,
             )
-            return _Encoded(ref, out.n_tokens, time.monotonic() - t0)
+            return _Encoded(
+                ref,
+                out.n_tokens,
+                time.monotonic() - t0,
+                out.preprocess_seconds,
+                out.encode_seconds,
+            )
         detail = "; ".join(tried) if tried else "no healthy encoder"
         raise ApiError(503, f"image {index}: could not be encoded: {detail}")
 

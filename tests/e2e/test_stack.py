@@ -39,6 +39,7 @@ def stack(tiny_model, tmp_path_factory):
         api_key=KEY,
         kv_cache_bytes=16 << 20,
         extra_encoder_args=("--metrics-port", "0", "--max-image-pixels", "4000000"),
+        extra_language_args=("--metrics-port", "0"),
         extra_gateway_args=(
             "--allowed-local-media-path",
             str(media),
@@ -129,8 +130,12 @@ def test_grpc_chat_gives_the_same_text(stack, tiny_model, oracle, png):
 
 
 def encoder_metric(stack, name: str) -> list[float]:
+    return role_metric(stack, "encoder", name)
+
+
+def role_metric(stack, role: str, name: str) -> list[float]:
     values = []
-    for enc in stack.role("encoder"):
+    for enc in stack.role(role):
         port = metrics_port(enc)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
             text = r.read().decode()
@@ -321,3 +326,75 @@ def test_epd_up_prints_endpoints_and_stops_everything_on_ctrl_c(tiny_model):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_logprobs_seed_and_stop_strings(stack, tiny_model):
+    c = client(stack)
+    name = model_name(stack)
+    messages = [{"role": "user", "content": "Count to ten."}]
+    reply = c.chat.completions.create(
+        model=name, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 2
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == e.top_logprobs[0].logprob  # greedy picks the most likely token
+
+    def sampled(seed: int) -> str:
+        r = c.chat.completions.create(
+            model=name, messages=messages, max_tokens=12, temperature=1.0, seed=seed
+        )
+        return r.choices[0].message.content
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(s) for s in range(5)}) > 1
+    full = (
+        c.chat.completions.create(
+            model=name,
+            messages=messages,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .message.content
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = c.chat.completions.create(
+        model=name,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_client_disconnect_aborts_the_generation_downstream(stack):
+    aborted = role_metric(stack, "language", 'epd_language_requests_total{finish_reason="abort"}')
+    c = client(stack)
+    stream = c.chat.completions.create(
+        model=model_name(stack),
+        messages=[{"role": "user", "content": "Go on forever."}],
+        max_tokens=4000,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for i, _ in enumerate(stream):
+        if i >= 3:
+            break
+    stream.close()
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        now = role_metric(stack, "language", 'epd_language_requests_total{finish_reason="abort"}')
+        if now[0] == aborted[0] + 1:
+            break
+        time.sleep(0.1)
+    assert now[0] == aborted[0] + 1
+    running = role_metric(stack, "language", "epd_language_running_requests")
+    assert running == [0.0]

@@ -166,8 +166,9 @@ async def _request(
                     return Result(False, status="stream-error")
                 if msg.get("usage"):
                     tokens = msg["usage"]["completion_tokens"]
-                choices = msg.get("choices") or []
-                if not ttft and choices and choices[0]["delta"].get("content"):
+                # The gateway sends its first chunk when the first token exists (text may lag:
+                # a token can end inside a UTF-8 character, or decode to nothing).
+                if not ttft:
                     ttft = time.perf_counter() - start
     except (aiohttp.ClientError, TimeoutError) as e:
         return Result(False, status=type(e).__name__)

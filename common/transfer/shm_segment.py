@@ -32,9 +32,11 @@ class ShmSegment:
         self.size = size
         self.owner = owner
         self._fd = fd
-        self._mmap: mmap.mmap | None = mmap.mmap(
-            fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE
-        )
+        # The owner prefaults its whole pool once (every slot gets written). A consumer maps
+        # lazily: it reads only the slots it is handed, and populating a 1 GiB pool costs it
+        # ~170 ms on the first fetch for nothing.
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if owner else 0)
+        self._mmap: mmap.mmap | None = mmap.mmap(fd, size, flags=flags)
         self.tensor: torch.Tensor | None = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
     @classmethod

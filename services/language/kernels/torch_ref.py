@@ -90,7 +90,6 @@ def _decode_batch(
 # Grouped GEMM over experts (torch >= 2.10 has a CPU kernel); bit-identical to the loop on CPU.
 _GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GROUPED_MAX_ROWS_PER_EXPERT = 64
 
 
 def fused_moe(
@@ -115,10 +114,7 @@ def fused_moe(
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=gate_up_proj.shape[0])
     routing = weights.flatten()
-    # The grouped kernel wins while experts get few rows each (decode); with many rows per
-    # expert (prefill) the per-expert GEMMs parallelise better on CPU.
-    few_rows = t * k <= _GROUPED_MAX_ROWS_PER_EXPERT * gate_up_proj.shape[0]
-    if _GROUPED_MM and few_rows and x.dtype == gate_up_proj.dtype and x.dtype in _GROUPED_DTYPES:
+    if _GROUPED_MM and x.dtype == gate_up_proj.dtype and x.dtype in _GROUPED_DTYPES:
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = x[order // k]  # [T*K, H] in expert order
         gate, up = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, -1)

@@ -97,7 +97,6 @@ class LoopbackProducer:
         lease_s: float = 60.0,
         checksum: bool = False,
         shm_prefix: str = "epd-",
-        ready_timeout_s: float = 60.0,
     ) -> None:
         cmd = [sys.executable, "-m", "common.transfer.loopback", "--backend", backend]
         cmd += ["--pool-mib", str(pool_mib), "--lease-s", str(lease_s)]

@@ -34,6 +34,7 @@ from bench.generate import synthetic_image
 from bench.hf import HFReference, HFRequest
 from common.dtypes import DTYPES
 from common.tokenizer import ChatTokenizer
+from common.torch_thread import call_on_torch_thread, run_on_torch_thread
 from services.colocated import ColocatedPipeline
 from services.language.engine.engine import Engine, ImageInput
 from services.language.engine.model_runner import ModelRunner
@@ -96,21 +97,25 @@ def build_workload(pipe: ColocatedPipeline, n: int, seed: int) -> list[Work]:
 
 def run(args: argparse.Namespace) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    pipe = ColocatedPipeline(args.model, dtype=args.dtype)
-    work = build_workload(pipe, args.requests, args.seed)
+    # All torch work (ours and transformers') on the one torch thread the engine uses, so the
+    # process keeps a single OpenMP team (see common.torch_thread).
+    pipe = call_on_torch_thread(ColocatedPipeline, args.model, args.dtype)
+    work = call_on_torch_thread(build_workload, pipe, args.requests, args.seed)
     rows: list[dict[str, Any]] = []
     eos = pipe.tokenizer.eos_token_ids
     hf = None
     if not args.skip_hf:
-        hf = HFReference(args.model, pipe.cfg, DTYPES[args.dtype], eos[-1] if eos else 0)
+        hf = call_on_torch_thread(
+            HFReference, args.model, pipe.cfg, DTYPES[args.dtype], eos[-1] if eos else 0
+        )
     if hf is not None:  # warm-up, not counted
-        hf.generate([HFRequest(work[0].ids, work[0].raw_images)], 2)
-    hf_seq = _run_hf(hf, work, 1) if hf else None
+        call_on_torch_thread(hf.generate, [HFRequest(work[0].ids, work[0].raw_images)], 2)
+    hf_seq = call_on_torch_thread(_run_hf, hf, work, 1) if hf else None
     for c in concurrencies:
         rows.append(_row("epd", c, *asyncio.run(_run_engine(pipe, work, c, args))))
         if hf and hf_seq:
             rows.append(_row("hf_sequential", c, *hf_seq))
-            batched = hf_seq if c == 1 else _run_hf(hf, work, c)
+            batched = hf_seq if c == 1 else call_on_torch_thread(_run_hf, hf, work, c)
             rows.append(_row("hf_batched", c, *batched))
     if args.json:
         print(json.dumps({"rows": rows}))
@@ -122,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
 async def _run_engine(
     pipe: ColocatedPipeline, work: list[Work], concurrency: int, args: argparse.Namespace
 ) -> tuple[float, list[Timing]]:
-    runner = ModelRunner(pipe.cfg, pipe.decoder, args.kv_cache_bytes, dtype=pipe.dtype)
+    runner = await run_on_torch_thread(
+        ModelRunner, pipe.cfg, pipe.decoder, args.kv_cache_bytes, 16, pipe.dtype
+    )
     sched = SchedulerConfig(max_num_seqs=concurrency, max_batch_tokens=args.max_batch_tokens)
     engine = Engine(pipe.cfg, runner, sched, frozenset(ChatTokenizer(args.model).eos_token_ids))
     await engine.start()

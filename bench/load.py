@@ -6,9 +6,12 @@ requests or `--duration` seconds. Each request carries `--images` synthetic imag
 `--prompt-words` words, and asks for exactly `--output-tokens` tokens (`ignore_eos`). Reports
 throughput and TTFT / TPOT / end-to-end percentiles, and errors by status.
 
-`--compare-colocated` then runs the same requests through the in-process colocated pipeline
+`--compare-colocated` also runs the same requests through the in-process colocated pipeline
 (`epd generate`'s code path; it handles one request at a time) in this same run and prints the
-ratio. The gateway is given by `--url`, or started here with `--start-stack` (`epd up` in-process).
+ratio. At concurrency 1 the two systems take turns request by request (which one goes first
+alternates), so slow drifts of a shared machine land on both alike; at higher concurrency, or
+with `--no-interleave`, the colocated run follows the gateway run. The gateway is given by
+`--url`, or started here with `--start-stack` (`epd up` in-process).
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start encoders + language + gateway (epd up) for this run",
     )
     parser.add_argument("--encoders", type=int, default=1, help="with --start-stack")
+    parser.add_argument(
+        "--no-interleave",
+        action="store_true",
+        help="at concurrency 1, run the colocated requests after all gateway ones, not in turns",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -180,24 +188,58 @@ def _data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def run_colocated(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
-    """The same requests through the in-process pipeline, one at a time (it cannot batch)."""
-    from services.colocated import ColocatedPipeline
-    from services.language.engine.request import SamplingParams
+class Colocated:
+    """The in-process pipeline answering the workload's requests one at a time (it cannot
+    batch). TTFT is preprocess + encode + prefill, the stages before the first token."""
 
-    pipe = ColocatedPipeline(args.model_dir)
-    params = SamplingParams(max_tokens=work.output_tokens, ignore_eos=True)
-    pipe.generate(work.images[0], work.prompts[0], SamplingParams(max_tokens=2))  # warm-up
-    results = []
-    start = time.perf_counter()
-    for images, prompt in tqdm(list(zip(work.images, work.prompts, strict=True)), leave=False,
-                               desc="colocated", unit="req"):  # fmt: skip
+    def __init__(self, args: argparse.Namespace, work: Workload) -> None:
+        from services.colocated import ColocatedPipeline
+        from services.language.engine.request import SamplingParams
+
+        self.pipe = ColocatedPipeline(args.model_dir)
+        self.work = work
+        self.params = SamplingParams(max_tokens=work.output_tokens, ignore_eos=True)
+        self.pipe.generate(work.images[0], work.prompts[0], SamplingParams(max_tokens=2))  # warm
+
+    def request(self, i: int) -> Result:
         t0 = time.perf_counter()
-        out = pipe.generate(images, prompt, params)
+        out = self.pipe.generate(self.work.images[i], self.work.prompts[i], self.params)
         t = out.timings
         ttft = t["preprocess"] + t["encode"] + t["prefill"]
-        results.append(Result(True, ttft, time.perf_counter() - t0, len(out.token_ids), "ok"))
+        return Result(True, ttft, time.perf_counter() - t0, len(out.token_ids), "ok")
+
+
+def run_colocated(args: argparse.Namespace, work: Workload, col: Colocated) -> dict[str, Any]:
+    """Every request through the colocated pipeline, one after another."""
+    results = []
+    start = time.perf_counter()
+    for i in tqdm(range(len(work.prompts)), leave=False, desc="colocated", unit="req"):
+        results.append(col.request(i))
     return summarize("colocated", results, time.perf_counter() - start, args)
+
+
+async def run_interleaved(
+    args: argparse.Namespace, work: Workload, url: str, col: Colocated
+) -> list[dict[str, Any]]:
+    """Concurrency 1, the gateway and the colocated pipeline taking turns; each system's
+    throughput is over the time spent in its own requests."""
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    results: dict[str, list[Result]] = {"epd": [], "colocated": []}
+    busy = {"epd": 0.0, "colocated": 0.0}
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        model = args.model or await _first_model(session, url)
+        for i in tqdm(range(len(work.prompts)), leave=False, desc="epd | colocated", unit="pair"):
+            order = ("epd", "colocated") if i % 2 == 0 else ("colocated", "epd")
+            for system in order:
+                t0 = time.perf_counter()
+                if system == "epd":
+                    r = await _request(session, url, model, work, i)
+                else:
+                    r = col.request(i)
+                busy[system] += time.perf_counter() - t0
+                results[system].append(r)
+    return [summarize(name, results[name], busy[name], args) for name in ("epd", "colocated")]
 
 
 def summarize(
@@ -236,23 +278,35 @@ def run(args: argparse.Namespace) -> int:
     if (args.compare_colocated or args.start_stack) and not args.model_dir:
         raise SystemExit("epd bench: --compare-colocated and --start-stack need --model-dir")
     work = build_workload(args)
-    reports = []
+    col = Colocated(args, work) if args.compare_colocated else None
+    interleave = (
+        col is not None and args.concurrency == 1 and not args.rate and not args.no_interleave
+    )
     if args.start_stack:
         from services.up import StackConfig, running_stack
 
         cfg = StackConfig(model=args.model_dir, encoders=args.encoders, http_port=0)
         with running_stack(cfg) as stack:
-            asyncio.run(_warm(args, stack.base_url))
-            reports.append(asyncio.run(run_gateway(args, work, stack.base_url)))
+            reports = asyncio.run(_measure(args, work, stack.base_url, col, interleave))
     else:
-        reports.append(asyncio.run(run_gateway(args, work, args.url)))
-    if args.compare_colocated:
-        reports.append(run_colocated(args, work))
+        reports = asyncio.run(_measure(args, work, args.url, col, interleave))
+    if col is not None and not interleave:
+        reports.append(run_colocated(args, work, col))
     if args.json:
         print(json.dumps({"reports": reports}))
     else:
         _print(reports)
     return 0 if not reports[0]["errors"] else 1
+
+
+async def _measure(
+    args: argparse.Namespace, work: Workload, url: str, col: Colocated | None, interleave: bool
+) -> list[dict[str, Any]]:
+    await _warm(args, url)
+    if interleave:
+        assert col is not None
+        return await run_interleaved(args, work, url, col)
+    return [await run_gateway(args, work, url)]
 
 
 async def _warm(args: argparse.Namespace, url: str) -> None:

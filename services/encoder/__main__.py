@@ -15,6 +15,7 @@ from common.config import ModelConfig
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.rpc import encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from common.torch_thread import run_on_torch_thread
 from common.transfer import Producer, TransferConfig
 from common.transfer.config import BACKEND_CHOICES
 from services.encoder.encoder import MIB, Encoder, EncoderConfig
@@ -196,7 +197,7 @@ class EncoderService:
         """Load the weights off the event loop, warm up, then report SERVING."""
         cfg = self.cfg
         started = time.perf_counter()
-        tower = await asyncio.to_thread(
+        tower = await run_on_torch_thread(
             load_vision_tower,
             cfg.model,
             ModelConfig.from_dir(cfg.model),

@@ -6,9 +6,10 @@ The batcher task takes queued images oldest first into one forward, bounded by
 simply queue for the next one. Work whose requests all left (cancelled, deadline passed) is
 dropped before the forward.
 
-Every torch call runs on ONE dedicated thread: torch ops issued from several threads make their
-OpenMP teams fight (5-10x slower on small hosts), and the event loop must never block on a
-forward. Results are handed back through `settle(pending, entry, exc)`.
+Every torch call runs on the process's one torch thread (`common.torch_thread`, where the
+weights were loaded too): torch ops issued from several threads make their OpenMP teams fight,
+and the event loop must never block on a forward. Results are handed back through
+`settle(pending, entry, exc)`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
+from common.torch_thread import run_on_torch_thread
 from services.encoder.cache import CachedImage, Grid, Pending
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import VisionTower
@@ -73,25 +74,23 @@ class Batcher:
         self._queue: deque[_Work] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._torch = ThreadPoolExecutor(1, thread_name_prefix="epd-encoder-torch")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="epd-encoder-batcher")
 
     async def stop(self) -> None:
-        """Stop the loop (queued work is left to the caller) and the torch thread."""
+        """Stop the loop (queued work is left to the caller)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.to_thread(self._torch.shutdown)
 
     def submit(self, pending: Pending, image: ProcessedImage) -> None:
         self._queue.append(_Work(pending, image, asyncio.get_running_loop().time()))
         self._wakeup.set()
 
     async def on_torch_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
+        return await run_on_torch_thread(fn, *args)
 
     def forward(self, pixels: list[torch.Tensor], grids: list[Grid]) -> list[torch.Tensor]:
         """On the torch thread only. One CPU copy per image: `[n_tokens, (1+D)*H]`."""

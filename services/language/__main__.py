@@ -12,6 +12,7 @@ from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.rpc import language_pb2, language_pb2_grpc
 from common.tokenizer import ChatTokenizer
+from common.torch_thread import run_on_torch_thread
 from common.transfer import Consumer
 from services.language.engine.engine import Engine
 from services.language.engine.model_runner import ModelRunner
@@ -128,7 +129,7 @@ async def start(cfg: LanguageConfig) -> LanguageService:
     language_pb2_grpc.add_LanguageServicer_to_server(servicer, server.server)
     # Listen while the weights load, so probes see a live (not yet serving) process.
     await server.start(metrics.registry)
-    engine = await asyncio.to_thread(build_engine, cfg, metrics)
+    engine = await run_on_torch_thread(build_engine, cfg, metrics)
     await engine.start()
     await warm_up(engine)
     servicer.engine = engine

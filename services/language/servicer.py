@@ -73,7 +73,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         started = time.monotonic()
-        images = await self._pull(request, context, engine.runner.dtype)
+        images = await self._pull(request, context)
         pull_s = time.monotonic() - started
         try:
             stream = engine.generate(prompt, params, images, request.request_id or None)
@@ -114,7 +114,6 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         self,
         request: language_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
-        dtype: torch.dtype,
     ) -> list[ImageInput]:
         if not request.images:
             return []
@@ -142,7 +141,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
                 )
             # Without a content hash the image must never share prefix-cache blocks.
             content = img.image_hash or f"unhashed-{uuid.uuid4().hex}"
-            images.append(ImageInput(tensor.to(dtype), (g.t, g.h, g.w), content))
+            images.append(ImageInput(tensor, (g.t, g.h, g.w), content))
         return images
 
 

@@ -1,7 +1,8 @@
-"""The asyncio engine loop: schedule -> forward (in a worker thread) -> sample -> stream.
+"""The asyncio engine loop: schedule -> forward (on the torch thread) -> sample -> stream.
 
 `generate()` validates and admits one request and yields its tokens as they come. The forward
-runs in a single worker thread so the event loop (gRPC, transfers) stays responsive; all
+runs on the process's one torch thread (`common.torch_thread`, where the weights were loaded),
+so the event loop (gRPC, transfers) stays responsive and OpenMP keeps one team; all
 scheduler state is touched only on the event loop, between steps. Aborts requested while a step
 runs take effect right after it, so a request's blocks are never freed under a running forward.
 """
@@ -14,12 +15,12 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from common.config import ModelConfig
+from common.torch_thread import run_on_torch_thread
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import ImageSpan, Request, SamplingParams
@@ -71,7 +72,6 @@ class Engine:
         self.scheduler = Scheduler(sched_cfg, self.blocks)
         self.eos_token_ids = eos_token_ids
         self.metrics = metrics or LanguageMetrics()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="epd-engine")
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._aborts: set[str] = set()
         self._wake = asyncio.Event()
@@ -87,7 +87,6 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._worker.shutdown(wait=True)
 
     @property
     def idle(self) -> bool:
@@ -132,13 +131,8 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             arrival=time.monotonic(),
         )
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._worker,
-            self.runner.prepare,
-            req,
-            [i.tensor for i in images],
-            [i.grid_thw for i in images],
+        await run_on_torch_thread(
+            self.runner.prepare, req, [i.tensor for i in images], [i.grid_thw for i in images]
         )
         self.scheduler.add(req)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -183,7 +177,6 @@ class Engine:
         return spans
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._apply_aborts()
             self._update_gauges()
@@ -196,7 +189,7 @@ class Engine:
                 await asyncio.sleep(0.001)
                 continue
             try:
-                samples = await loop.run_in_executor(self._worker, self.runner.run, chunks)
+                samples = await run_on_torch_thread(self.runner.run, chunks)
             except Exception:  # a failed forward must not take the service down
                 log.exception("forward failed; ending the %d requests of this step", len(chunks))
                 for c in chunks:

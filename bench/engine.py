@@ -15,6 +15,9 @@ in a steady state rather than one burst.
 
 Every system produces exactly each request's output length (end-of-sequence ignored). TTFT and
 TPOT come from per-step timestamps (a no-op logits processor for transformers).
+
+`--device cuda` runs a different benchmark instead: decode tokens/s on a GPU, with and without
+CUDA graphs, against the HBM-bandwidth limit (`bench/engine_cuda.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from bench import engine_cuda
 from bench.generate import synthetic_image
 from bench.hf import HFReference, HFRequest
 from common.dtypes import DTYPES
@@ -70,15 +74,27 @@ class Timing:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (e.g. a `small` one)")
+    parser.add_argument(
+        "--model",
+        help="checkpoint directory (e.g. a `small` one); required on the CPU, optional on CUDA",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: epd vs transformers (below); cuda: decode tokens/s vs the HBM limit",
+    )
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated in-flight counts")
     parser.add_argument("--requests", type=int, default=96, help="requests in the workload")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default: float32 on the CPU, bfloat16 on CUDA"
+    )
     parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20)
     parser.add_argument("--max-batch-tokens", type=int, default=1024)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
     parser.add_argument("--json", action="store_true", help='print {"rows": [...]} as JSON')
+    engine_cuda.add_arguments(parser)
 
 
 def build_workload(pipe: ColocatedPipeline, n: int, seed: int) -> list[Work]:
@@ -96,6 +112,11 @@ def build_workload(pipe: ColocatedPipeline, n: int, seed: int) -> list[Work]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        return engine_cuda.run(args)
+    if not args.model:
+        raise SystemExit("epd bench-engine: --model is required with --device cpu")
+    args.dtype = args.dtype or "float32"
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     # All torch work (ours and transformers') on the one torch thread the engine uses, so the
     # process keeps a single OpenMP team (see common.torch_thread).

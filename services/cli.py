@@ -30,7 +30,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "prefill/decode tokens/s of `epd generate` vs transformers",
     ),
     "bench": ("bench.load", "load-test a running gateway (optionally vs the colocated pipeline)"),
-    "bench-engine": ("bench.engine", "language engine throughput and latency vs transformers"),
+    "bench-engine": (
+        "bench.engine",
+        "language engine vs transformers (CPU); decode tok/s vs HBM peak (--device cuda)",
+    ),
     "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
     "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),
     "bench-kernels": ("bench.kernels", "MoE layer time, Triton vs torch, vs HBM/bf16 peaks (GPU)"),

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import TextConfig
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = [
@@ -74,6 +76,15 @@ PRESETS = {
         vision_depth=8, vision_hidden=256, vision_heads=4, vision_ffn=1024, pos_embeddings=2304,
         deepstack=(2, 4, 6), min_pixels=64 * 64, max_pixels=1024 * 1024,
     ),
+    # Qwen3-VL-30B-A3B's decoder layer shapes and vocabulary, 4 of its 48 layers, a small vision
+    # tower: GPU decode benchmarks (`epd bench-engine --device cuda` builds it in memory).
+    "a3b-4layer": Preset(
+        vocab_size=151936, bpe_vocab=400, hidden=2048, layers=4, heads=32, kv_heads=4,
+        head_dim=128, mrope_section=(24, 20, 20), experts=128, top_k=8, moe_intermediate=768,
+        intermediate=6144, vision_depth=3, vision_hidden=64, vision_heads=2, vision_ffn=128,
+        pos_embeddings=2304, deepstack=(0, 1, 2), min_pixels=32 * 32 * 4,
+        max_pixels=32 * 32 * 64,
+    ),
 }  # fmt: skip
 ARCHS = ("qwen3_vl_moe", "qwen3_vl", "qwen3_moe")
 
@@ -107,6 +118,24 @@ def make_tiny_model(
     return out
 
 
+def preset_text_config(preset: str) -> TextConfig:
+    """The decoder config a preset's `qwen3_vl_moe` checkpoint has, without writing one (the
+    tokenizer gives the special tokens ids 0..13 in `SPECIAL_TOKENS` order)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    text = _text_config(PRESETS[preset], ids, moe=True)
+    text["rope_parameters"] = _mrope_parameters(PRESETS[preset])
+    return TextConfig.from_hf(text, vl_moe=True, where="text_config")
+
+
+def _mrope_parameters(p: Preset) -> dict[str, Any]:
+    return {
+        "rope_type": "default", "rope_theta": 5e6,
+        "mrope_section": list(p.mrope_section), "mrope_interleaved": True,
+    }  # fmt: skip
+
+
 def _text_config(p: Preset, ids: dict[str, int], moe: bool) -> dict[str, Any]:
     cfg: dict[str, Any] = dict(
         vocab_size=p.vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
@@ -133,10 +162,7 @@ def _build_model(
         cfg = tf.Qwen3MoeConfig(**text, norm_topk_prob=True, tie_word_embeddings=False)
         return tf.Qwen3MoeForCausalLM(cfg).eval()
     text = _text_config(p, ids, moe=arch == "qwen3_vl_moe")
-    text["rope_parameters"] = {
-        "rope_type": "default", "rope_theta": 5e6,
-        "mrope_section": list(p.mrope_section), "mrope_interleaved": True,
-    }  # fmt: skip
+    text["rope_parameters"] = _mrope_parameters(p)
     ds = list(deepstack if deepstack is not None else p.deepstack)
     vision = dict(
         depth=p.vision_depth, hidden_size=p.vision_hidden, num_heads=p.vision_heads,
@@ -217,7 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="tiny",
-        help="tiny: ~1.5 MB, for tests; small: a few hundred MB, for CPU benchmarks",
+        help="tiny: ~1.5 MB, for tests; small: a few hundred MB, for CPU benchmarks; "
+        "a3b-4layer: Qwen3-VL-30B-A3B decoder shapes, 4 layers, ~12 GB, for GPU benchmarks",
     )
     parser.add_argument("--seed", type=int, default=0, help="torch seed for the random weights")
     parser.add_argument(

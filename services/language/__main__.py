@@ -36,6 +36,7 @@ class LanguageConfig:
     kv_cache_bytes: int = 1 << 30
     block_size: int = 16
     pull_timeout_s: float = 30.0
+    cuda_graphs: bool = True  # decode steps through CUDA graphs (CUDA + Triton kernels only)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=LanguageConfig.block_size,
         help="tokens per KV block (the prefix-cache granularity)",
+    )
+    g.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=LanguageConfig.cuda_graphs,
+        help="replay decode steps from CUDA graphs captured per batch size (CUDA with the "
+        "Triton kernels only; $EPD_CUDA_GRAPHS=0|1 overrides)",
     )
     g.add_argument(
         "--max-num-seqs",
@@ -96,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_bytes=args.kv_cache_bytes,
         block_size=args.block_size,
         pull_timeout_s=args.pull_timeout,
+        cuda_graphs=args.cuda_graphs,
     )
     asyncio.run(serve(cfg))
     return 0
@@ -151,7 +160,11 @@ def build_engine(cfg: LanguageConfig, metrics: LanguageMetrics) -> Engine:
     model_cfg = ModelConfig.from_dir(cfg.model)
     dtype = DTYPES[cfg.dtype]
     model = load_decoder(cfg.model, model_cfg, dtype, cfg.device)
-    runner = ModelRunner(model_cfg, model, cfg.kv_cache_bytes, cfg.block_size, dtype, cfg.device)
+    runner = ModelRunner(
+        model_cfg, model, cfg.kv_cache_bytes, cfg.block_size, dtype, cfg.device,
+        cuda_graphs=cfg.cuda_graphs,
+        max_batch=min(cfg.scheduler.max_num_seqs, cfg.scheduler.max_batch_tokens),
+    )  # fmt: skip
     eos = frozenset(ChatTokenizer(cfg.model).eos_token_ids or model_cfg.eos_token_ids)
     return Engine(model_cfg, runner, cfg.scheduler, eos, metrics)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU test and the kernel benchmark, in one call on one H100/H200 (about 2-3 minutes).
+# Every GPU test, the kernel benchmark and the engine decode benchmark, in one call on one
+# H100/H200; the timeouts keep the whole script under 5 minutes.
 # Uses the machine's own python3 (torch, triton, transformers preinstalled); the project is
 # imported from this checkout, not installed. JSON/XML results go under $OUT when it is set.
 set -euo pipefail
@@ -15,14 +16,24 @@ $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton
 
 status=0
 # --confcutdir: the root conftest pins CPU-side fixtures (transformers parity) we do not need.
-timeout 240 $PY -m pytest -q -m gpu tests/gpu --confcutdir=tests/gpu -p no:cacheprovider \
+timeout 130 $PY -m pytest -q -m gpu tests/gpu --confcutdir=tests/gpu -p no:cacheprovider \
     --junitxml="$OUT_DIR/gpu-tests.xml" || status=$?
-timeout 150 $PY -m services.cli bench-kernels --json > "$OUT_DIR/bench-kernels.json" || status=$?
-$PY - "$OUT_DIR/bench-kernels.json" <<'PYEOF'
+timeout 60 $PY -m services.cli bench-kernels --json --torch-max-tokens 1024 \
+    > "$OUT_DIR/bench-kernels.json" || status=$?
+# Decode tokens/s of the engine (A3B layer shapes, 4 layers, bf16), CUDA graphs on and off.
+timeout 90 $PY -m services.cli bench-engine --device cuda --json \
+    > "$OUT_DIR/bench-engine-cuda.json" || status=$?
+$PY - "$OUT_DIR/bench-kernels.json" "$OUT_DIR/bench-engine-cuda.json" <<'PYEOF' || status=$?
 import json, sys
-from bench.kernels import Row, format_table
-data = json.load(open(sys.argv[1]))
-print(format_table([Row(**r) for r in data["rows"]], data["device"]))
+from bench import engine_cuda, kernels
+for path, module, row in ((sys.argv[1], kernels, kernels.Row),
+                          (sys.argv[2], engine_cuda, engine_cuda.DecodeRow)):
+    try:
+        data = json.load(open(path))
+    except (OSError, ValueError) as e:
+        print(f"{path}: no results ({e})")
+        continue
+    print(module.format_table([row(**r) for r in data["rows"]], data["device"]))
 PYEOF
 echo "results in $OUT_DIR (exit $status)"
 exit $status

@@ -3,7 +3,9 @@
 The runner owns every tensor: the decoder, the paged KV storage, each request's prompt inputs
 (`input_embeds` with image rows scattered in, `input_deepstack_embeds`, M-RoPE positions) and its
 sampling generator. A step's chunks become one forward over their tokens back to back; chunked
-prefill slices the prompt inputs and the deepstack rows with the same token range.
+prefill slices the prompt inputs and the deepstack rows with the same token range. On CUDA, a
+decode-only step replays a captured CUDA graph instead (`cuda_graphs.py`); the last KV block is
+then reserved as the graphs' padding block.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from common.config import ModelConfig
+from services.language.engine.cuda_graphs import DecodeGraphs, DecodeStep, graphs_enabled
 from services.language.engine.forward_batch import ForwardBatch, KVStorage
 from services.language.engine.request import Request
 from services.language.engine.sampler import Sample, SampleInput, make_generator, sample_rows
@@ -45,26 +48,37 @@ class ModelRunner:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        cuda_graphs: bool = True,
+        max_batch: int = 64,
     ) -> None:
+        """`cuda_graphs`: capture decode steps of up to `max_batch` sequences (the scheduler's
+        `max_num_seqs`) on CUDA with the Triton kernels; ignored elsewhere."""
         self.cfg, self.model, self.dtype = cfg, model, dtype
         self.device = torch.device(device)
         t = cfg.text
         per_block = KVStorage.bytes_per_block(
             t.num_hidden_layers, block_size, t.num_key_value_heads, t.head_dim, dtype
         )
-        self.num_blocks = kv_cache_bytes // per_block
+        use_graphs = graphs_enabled(cuda_graphs, self.device)
+        total_blocks = kv_cache_bytes // per_block
+        # Blocks the block manager hands out; with graphs the last one pads graph batches.
+        self.num_blocks = total_blocks - 1 if use_graphs else total_blocks
         if self.num_blocks < 2:
             raise ValueError(
-                f"kv cache of {kv_cache_bytes} bytes holds {self.num_blocks} blocks of "
+                f"kv cache of {kv_cache_bytes} bytes holds {total_blocks} blocks of "
                 f"{per_block} bytes; give it more room"
             )
         self.block_size = block_size
         self.storage = KVStorage(
-            t.num_hidden_layers, self.num_blocks, block_size, t.num_key_value_heads, t.head_dim,
+            t.num_hidden_layers, total_blocks, block_size, t.num_key_value_heads, t.head_dim,
             dtype, self.device,
         )  # fmt: skip
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, block_size,
-                 self.num_blocks * per_block / 2**20)  # fmt: skip
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", total_blocks, block_size,
+                 total_blocks * per_block / 2**20)  # fmt: skip
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            max_blocks = min(self.num_blocks, -(-t.max_position_embeddings // block_size))
+            self.graphs = DecodeGraphs(model, self.storage, total_blocks - 1, max_blocks, max_batch)
 
     @torch.inference_mode()
     def prepare(self, req: Request, images: list[torch.Tensor], grids: list[tuple]) -> None:
@@ -85,6 +99,19 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
         """One forward over the chunks; returns a Sample for each chunk that ends its request's
         known tokens."""
+        replayed = self._replay(chunks) if self.graphs is not None else None
+        hidden, last_rows = replayed if replayed is not None else self._forward(chunks)
+        sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
+        if not sampling:
+            return {}
+        rows = torch.tensor([last_rows[i] for i, _ in sampling])
+        logits = self.model.compute_logits(hidden[rows.to(self.device)])
+        inputs = [self._sample_input(c.req) for _, c in sampling]
+        samples = sample_rows(logits, inputs)
+        return {c.req.id: s for (_, c), s in zip(sampling, samples, strict=True)}
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
+        """The eager forward: hidden states `[T, H]` and each chunk's last row."""
         embeds: list[torch.Tensor] = []
         deepstack_rows: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
@@ -104,14 +131,29 @@ class ModelRunner:
         deepstack = torch.cat(deepstack_rows) if any_deepstack else None
         hidden = self.model(x, torch.cat(positions, dim=1), ForwardBatch(self.storage, seqs),
                             deepstack)  # fmt: skip
-        sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
-        if not sampling:
-            return {}
-        last_rows = torch.tensor([seqs[i][0] + seqs[i][1] - 1 for i, _ in sampling])
-        logits = self.model.compute_logits(hidden[last_rows.to(self.device)])
-        rows = [self._sample_input(c.req) for _, c in sampling]
-        samples = sample_rows(logits, rows)
-        return {c.req.id: s for (_, c), s in zip(sampling, samples, strict=True)}
+        return hidden, [start + n - 1 for start, n, _ in seqs]
+
+    def _replay(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]] | None:
+        """A decode-only step through the captured graphs: hidden states `[B, H]`, row i = chunk
+        i. None when the step is not one: a chunk of more than one token or of a prompt token
+        (whose row may carry image embeddings and deepstack), or too many sequences or blocks."""
+        assert self.graphs is not None
+        if not all(c.length == 1 and c.start >= c.req.num_prompt for c in chunks):
+            return None
+        if not self.graphs.fits(len(chunks), max(len(c.req.block_table) for c in chunks)):
+            return None
+        ids, positions, slots, lengths, tables = [], [], [], [], []
+        bs = self.block_size
+        for c in chunks:
+            req = c.req
+            ids.append(req.output_ids[c.start - req.num_prompt])
+            positions.append(c.start + req.payload.rope_delta)
+            slots.append(req.block_table[c.start // bs] * bs + c.start % bs)
+            lengths.append(c.start + 1)
+            tables.append(req.block_table)
+        embeds = self.model.embed(torch.tensor(ids, device=self.device))  # [B, H]
+        hidden = self.graphs.run(embeds, DecodeStep(positions, slots, lengths, tables))
+        return hidden, list(range(len(chunks)))
 
     def _chunk_inputs(
         self, req: Request, start: int, length: int, with_deepstack: bool

@@ -1,14 +1,19 @@
 """Triton decode attention over the paged KV cache (split-KV flash decoding, GQA).
 
-K/V are read in place from one layer's cache `[slots, Hkv, hd]` through each sequence's slot
-table (slot of token j = table[j]); nothing is gathered into a contiguous copy. q/k norm and
-M-RoPE were applied by the decoder before the K/V were written.
+K/V are read in place from one layer's cache `[slots, Hkv, hd]` through each sequence's table of
+pages of `page` slots (slot of token j = table[j // page] * page + j % page): page 1 is a slot
+table (the eager path), page = block size a block table (the CUDA-graph path, whose static table
+stays small). Nothing is gathered into a contiguous copy. q/k norm and M-RoPE were applied by the
+decoder before the K/V were written.
 
 Grid `(B, Hkv, S)`: program (b, g, s) takes the G = Hq/Hkv query heads that share KV head g
-(rows of one `tl.dot`, padded to 16) over tokens [s*chunk, (s+1)*chunk) of sequence b, with an
-online softmax in fp32; it writes a partial output and its log-sum-exp. A second kernel merges
-the S partials. S is chosen so that B*Hkv*S fills the GPU at batch 1 too. Prefill chunks (more
-than one new token) go to the torch reference, which gathers their K/V.
+(rows of one `tl.dot`, padded to 16) over tokens [s*chunk_b, (s+1)*chunk_b) of sequence b, with
+an online softmax in fp32; it writes a partial output and its log-sum-exp. A second kernel merges
+the S partials. chunk_b = ceil(len_b / S) rounded up to BLOCK_N is computed on the device from
+each sequence's own length, so the launch depends only on (B, S) and no host value of a length:
+a CUDA graph captured for a batch size replays over any lengths. S is chosen so that B*Hkv*S
+fills the GPU at batch 1 too. Prefill chunks (more than one new token) go to the torch
+reference, which gathers their K/V.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from services.language.kernels import torch_ref
 from services.language.kernels.triton_common import (
+    cdiv,
     check_dtype,
     dot_precision,
     max_,
@@ -35,16 +41,17 @@ BLOCK_N = 32  # KV tokens per inner step
 @triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_ptr,
-    scale, group, head_dim, chunk,
+    scale, group, head_dim,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     s = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    length = tl.load(lens_ptr + b)
+    length = tl.load(lens_ptr + b)  # >= 1: split 0 always holds token 0
+    chunk = cdiv(cdiv(length, num_splits), BLOCK_N) * BLOCK_N  # tokens per split, this sequence
     start = s * chunk
     end = tl.minimum(start + chunk, length)
     offs_g = tl.arange(0, BLOCK_G)
@@ -62,7 +69,11 @@ def _decode_partial_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        slots = tl.load(table_ptr + b * stride_tb + offs_n, mask=n_ok, other=0).to(tl.int64)
+        if PAGE == 1:  # slot table
+            slots = tl.load(table_ptr + b * stride_tb + offs_n, mask=n_ok, other=0).to(tl.int64)
+        else:  # block table
+            page = tl.load(table_ptr + b * stride_tb + offs_n // PAGE, mask=n_ok, other=0)
+            slots = page.to(tl.int64) * PAGE + offs_n % PAGE
         kv_off = slots[:, None] * stride_ks + kv_head + offs_d[None, :]  # [N, D]
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -108,11 +119,11 @@ def _merge_kernel(
 class DecodeMeta:
     """Per-forward decode metadata, built once and shared by every layer."""
 
-    rows: torch.Tensor  # [B] rows of q that are single-token sequences
-    table: torch.Tensor  # [B, L] slot of each cached token, 0-padded past each length
-    lengths: torch.Tensor  # [B] int32 tokens cached (the new one included)
-    num_splits: int
-    chunk: int  # tokens per split, a multiple of BLOCK_N
+    rows: torch.Tensor | None  # [B] rows of q that are single-token sequences (None: all rows)
+    table: torch.Tensor  # [B, W] page of each run of `page` cached tokens; read below lengths only
+    lengths: torch.Tensor  # [B] int32 tokens cached (the new one included), each >= 1
+    num_splits: int  # S: KV splits per (sequence, KV head); fixes the grid
+    page: int = 1  # slots per table entry: 1 = slot table, block size = block table
 
 
 @dataclass
@@ -137,18 +148,19 @@ def prepare(
     lengths = [s[2].shape[0] for s in decode]
     max_len = max(lengths)
     max_splits = triton.cdiv(max_len, BLOCK_N)
-    num_splits = max(1, min(max_splits, triton.cdiv(_target_programs(device),
-                                                    len(decode) * num_kv_heads)))  # fmt: skip
-    chunk = triton.cdiv(triton.cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = triton.cdiv(max_len, chunk)
     meta = DecodeMeta(
         rows=torch.tensor([s[0] for s in decode], device=device),
         table=pad_sequence([s[2] for s in decode], batch_first=True),
         lengths=torch.tensor(lengths, dtype=torch.int32, device=device),
-        num_splits=num_splits,
-        chunk=chunk,
+        num_splits=min(max_splits, num_splits_for(len(decode), num_kv_heads, device)),
     )
     return Meta(meta, prefill)
+
+
+def num_splits_for(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """KV splits that make batch*Hkv*S programs fill the device (at least 1). Depends on the batch
+    size only, so a CUDA graph fixes it per captured batch size."""
+    return max(1, triton.cdiv(_target_programs(device), batch * num_kv_heads))
 
 
 def decode_attention(
@@ -161,15 +173,18 @@ def decode_attention(
     if hq % hkv or k_cache.stride(2) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("need Hq % Hkv == 0 and K/V caches [slots, Hkv, hd] with unit hd stride")
     q = q.contiguous()
+    if meta.table.shape[0] != b or meta.lengths.shape != (b,):
+        raise ValueError(f"metadata for {meta.lengths.shape[0]} sequences, q has {b}")
     group, s = hq // hkv, meta.num_splits
     part_o = torch.empty(b, hq, s, hd, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(hd))
     _decode_partial_kernel[(b, hkv, s)](
         q, k_cache, v_cache, meta.table, meta.lengths, part_o, part_lse,
-        scale, group, hd, meta.chunk,
+        scale, group, hd,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), meta.table.stride(0),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        PAGE=meta.page,
         UPCAST=upcast_tiles(dtype), PRECISION=dot_precision(dtype),
     )  # fmt: skip
     out = torch.empty_like(q)
@@ -186,5 +201,6 @@ def paged_attention(
     out = torch_ref.paged_attention(q, k_cache, v_cache, meta.prefill, scale)
     if meta.decode is not None:
         d = meta.decode
+        assert d.rows is not None  # prepare lists the decode rows of a mixed batch
         out[d.rows] = decode_attention(q[d.rows], k_cache, v_cache, d, scale)
     return out

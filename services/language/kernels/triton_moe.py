@@ -7,8 +7,11 @@ take strides, so each weight tile is read K-contiguous from that layout with no 
 One forward over `T` tokens routed to `K` experts each (`n = T*K` routed rows, flat id t*K + k):
 
 1. `moe_align`: flat ids sorted by expert, each expert's run padded to a multiple of BLOCK_M
-   (padding holds the sentinel n), plus each M-block's expert. Pure device ops, no host sync; the
-   buffers have the worst-case size n + min(E, n) * (BLOCK_M - 1), blocks past the end exit at once.
+   (padding holds the sentinel n), plus each M-block's expert. Device ops only, no host sync and
+   no data-dependent shape (so it can be captured in a CUDA graph): the buffers have the
+   worst-case size n + min(E, n) * (BLOCK_M - 1), known from the shapes alone, and blocks past the
+   used length (read on the device) exit at once. Counts come from `scatter_add_`, not
+   `torch.bincount`, which reads the largest id back to the host on CUDA.
 2. `_gate_up_kernel`: per (M-block, N-block of I), `x[token] @ W_gate^T` and `x[token] @ W_up^T`
    into two fp32 accumulators; the epilogue writes silu(gate) * up to `inter [n, I]` (x.dtype).
 3. `_down_kernel`: per (M-block, N-block of H), `inter[row] @ W_down^T` times the row's router
@@ -63,9 +66,10 @@ def moe_align(
     sentinel T*K to a multiple of block_m; block b of it belongs to expert block_expert[b]
     (E for blocks past the end). num_padded is the used length, read on device by the kernels.
     """
-    flat = experts.flatten()
+    flat = experts.flatten().long()  # scatter_add_ takes int64 indices
     n = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    counts = torch.zeros(num_experts, dtype=flat.dtype, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E] rows per expert
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
     ends = padded.cumsum(0)  # [E] end of each expert's padded run
     order = flat.argsort(stable=True)  # [n] flat ids, grouped by expert

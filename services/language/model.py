@@ -21,7 +21,12 @@ from torch import nn
 
 from common.config import TextConfig
 from services.language.attention import AttentionBackend
-from services.language.kernels import add_rms_norm_kernel, moe_kernel, rms_norm_kernel
+from services.language.kernels import (
+    add_rms_norm_kernel,
+    moe_kernel,
+    moe_weight_layout,
+    rms_norm_kernel,
+)
 
 
 class RMSNorm(nn.Module):
@@ -140,6 +145,14 @@ class Experts(nn.Module):
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def use_kernel_layout(self) -> None:
+        """Re-store the weights (same shapes and values) as the MoE kernel for their device
+        reads them fastest; called once after loading."""
+        layout = moe_weight_layout(self.gate_up_proj.device)
+        with torch.no_grad():
+            for p in (self.gate_up_proj, self.down_proj):
+                p.data = layout(p.data)
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor

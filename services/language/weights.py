@@ -13,7 +13,7 @@ import torch
 
 from common.config import ModelConfig
 from common.weights import Checkpoint, load_module
-from services.language.model import Qwen3MoeForCausalLM
+from services.language.model import Experts, Qwen3MoeForCausalLM
 
 
 def load_decoder(
@@ -26,6 +26,9 @@ def load_decoder(
         model = Qwen3MoeForCausalLM(cfg.text)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
     load_module(model, Checkpoint(model_dir), _renamer(cfg), dtype=dtype, device=device, tied=tied)
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.use_kernel_layout()
     return model.eval()
 
 

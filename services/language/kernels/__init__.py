@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
@@ -85,6 +86,15 @@ def moe_kernel(device: torch.device, force: str | None = None) -> MoeFn:
     return torch_ref.fused_moe
 
 
+def moe_weight_layout(
+    device: torch.device, force: str | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How the MoE kernel wants expert weights `[E, N, K]` stored (applied once, at load)."""
+    if backend_for(device, force) == "triton":
+        return lambda w: w  # the Triton kernels read tiles K-contiguous from the row-major layout
+    return torch_ref.grouped_mm_layout
+
+
 def rms_norm_kernel(device: torch.device, force: str | None = None) -> NormFn:
     if backend_for(device, force) == "triton":
         from services.language.kernels import triton_norm
@@ -150,6 +160,7 @@ __all__ = [
     "attention_kernel",
     "backend_for",
     "moe_kernel",
+    "moe_weight_layout",
     "paged_attention",
     "rms_norm_kernel",
 ]

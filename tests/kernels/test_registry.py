@@ -84,3 +84,26 @@ def test_decoder_greedy_matches_torch_path(tiny_model, monkeypatch) -> None:
     assert tokens == ref_tokens
     err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
     assert err < 1e-5, err
+
+
+def test_moe_weight_layout_per_backend(tiny_model, monkeypatch) -> None:
+    """Loaded on CPU (torch backend) the expert weights are stored K-major, the layout
+    F.grouped_mm reads without a relayout; values and shapes are unchanged, and the MoE gives
+    the same result from either layout up to GEMM rounding."""
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    cfg = ModelConfig.from_dir(tiny_model)
+    experts = load_decoder(tiny_model, cfg).model.layers[0].mlp.experts
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    assert gate_up.transpose(-2, -1).is_contiguous() and down.transpose(-2, -1).is_contiguous()
+    row_major = gate_up.contiguous(), down.contiguous()
+    assert not row_major[0].transpose(-2, -1).is_contiguous()
+    w = torch.randn(2, 3, 4)
+    assert kernels.moe_weight_layout(CUDA)(w) is w  # Triton reads the row-major layout
+    torch.manual_seed(0)
+    t, e, k = 37, gate_up.shape[0], cfg.text.num_experts_per_tok
+    x = torch.randn(t, gate_up.shape[2])
+    route = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    weights = torch.rand(t, k)
+    fast = torch_ref.fused_moe(x, gate_up, down, weights, route)
+    plain = torch_ref.fused_moe(x, *row_major, weights, route)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)

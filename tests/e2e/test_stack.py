@@ -129,6 +129,22 @@ def test_grpc_chat_gives_the_same_text(stack, tiny_model, oracle, png):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_bench_compares_with_the_colocated_pipeline_in_turns(stack, tiny_model):
+    """`epd bench --compare-colocated` at concurrency 1: the gateway and the in-process pipeline
+    answer the same requests in turns; both report every request, none failed."""
+    out = subprocess.run(
+        [EPD, "bench", "--url", stack.base_url, "--api-key", KEY, "--compare-colocated",
+         "--model-dir", str(tiny_model), "--requests", "4", "--output-tokens", "3",
+         "--image-size", "64x48", "--prompt-words", "4", "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    reports = json.loads(out.stdout.strip().splitlines()[-1])["reports"]
+    assert [r["system"] for r in reports] == ["epd", "colocated"]
+    for r in reports:
+        assert r["requests"] == 4 and r["errors"] == {} and r["concurrency"] == 1
+        assert r["output_tok_s"] > 0 and 0 < r["ttft_s"]["p50"] <= r["e2e_s"]["p50"]
+
+
 def encoder_metric(stack, name: str) -> list[float]:
     return role_metric(stack, "encoder", name)
 

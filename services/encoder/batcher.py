@@ -84,6 +84,9 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # The torch thread runs its queue in order: once this no-op ran, no forward of ours is
+        # still in flight.
+        await run_on_torch_thread(_nothing)
 
     def submit(self, pending: Pending, image: ProcessedImage) -> None:
         self._queue.append(_Work(pending, image, asyncio.get_running_loop().time()))
@@ -167,3 +170,7 @@ class Batcher:
             p = work.pending
             entry = CachedImage(out, work.image.grid_thw, p.preprocess_s, done - p.queued_at)
             self._settle(p, entry, None)
+
+
+def _nothing() -> None:
+    pass

@@ -87,6 +87,9 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # The torch thread runs its queue in order: once this no-op ran, no forward of ours is
+        # still in flight.
+        await run_on_torch_thread(_nothing)
 
     @property
     def idle(self) -> bool:
@@ -243,3 +246,7 @@ class Engine:
         m.prefix_hit_tokens.inc(hits - self._seen[0])
         m.preemptions.inc(preemptions - self._seen[1])
         self._seen = (hits, preemptions)
+
+
+def _nothing() -> None:
+    pass

@@ -55,5 +55,6 @@ def call_on_torch_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 async def run_on_torch_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Await `fn(*args)` on the torch thread, leaving the event loop free meanwhile."""
+    """Await `fn(*args)` on the torch thread, leaving the event loop free meanwhile. The loop
+    must not itself run on the torch thread (it would wait on its own thread)."""
     return await asyncio.get_running_loop().run_in_executor(torch_executor(), fn, *args)

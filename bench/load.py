@@ -103,9 +103,7 @@ def build_workload(args: argparse.Namespace) -> Workload:
 
 
 async def run_gateway(args: argparse.Namespace, work: Workload, url: str) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {args.api_key}"}
-    timeout = aiohttp.ClientTimeout(total=args.timeout)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+    async with _session(args) as session:
         model = args.model or await _first_model(session, url)
         bar = tqdm(total=len(work.prompts), desc="requests", unit="req", leave=False)
         results: list[Result] = []
@@ -135,6 +133,11 @@ async def run_gateway(args: argparse.Namespace, work: Workload, url: str) -> dic
         elapsed = time.perf_counter() - start
         bar.close()
     return summarize("epd", results, elapsed, args)
+
+
+def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+    return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=args.timeout))
 
 
 async def _first_model(session: aiohttp.ClientSession, url: str) -> str:
@@ -223,11 +226,9 @@ async def run_interleaved(
 ) -> list[dict[str, Any]]:
     """Concurrency 1, the gateway and the colocated pipeline taking turns; each system's
     throughput is over the time spent in its own requests."""
-    headers = {"Authorization": f"Bearer {args.api_key}"}
-    timeout = aiohttp.ClientTimeout(total=args.timeout)
     results: dict[str, list[Result]] = {"epd": [], "colocated": []}
     busy = {"epd": 0.0, "colocated": 0.0}
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+    async with _session(args) as session:
         model = args.model or await _first_model(session, url)
         for i in tqdm(range(len(work.prompts)), leave=False, desc="epd | colocated", unit="pair"):
             order = ("epd", "colocated") if i % 2 == 0 else ("colocated", "epd")

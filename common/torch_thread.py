@@ -58,3 +58,13 @@ async def run_on_torch_thread(fn: Callable[..., T], *args: Any) -> T:
     """Await `fn(*args)` on the torch thread, leaving the event loop free meanwhile. The loop
     must not itself run on the torch thread (it would wait on its own thread)."""
     return await asyncio.get_running_loop().run_in_executor(torch_executor(), fn, *args)
+
+
+async def wait_torch_thread_idle() -> None:
+    """Return once everything submitted to the torch thread before this call has run (its queue
+    runs in order), e.g. so that a stopped engine has no forward left in flight."""
+    await run_on_torch_thread(_nothing)
+
+
+def _nothing() -> None:
+    pass

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from common.torch_thread import run_on_torch_thread
+from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
 from services.encoder.cache import CachedImage, Grid, Pending
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import VisionTower
@@ -84,9 +84,7 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        # The torch thread runs its queue in order: once this no-op ran, no forward of ours is
-        # still in flight.
-        await run_on_torch_thread(_nothing)
+        await wait_torch_thread_idle()  # no forward of ours is left in flight
 
     def submit(self, pending: Pending, image: ProcessedImage) -> None:
         self._queue.append(_Work(pending, image, asyncio.get_running_loop().time()))
@@ -170,7 +168,3 @@ class Batcher:
             p = work.pending
             entry = CachedImage(out, work.image.grid_thw, p.preprocess_s, done - p.queued_at)
             self._settle(p, entry, None)
-
-
-def _nothing() -> None:
-    pass

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from common.config import ModelConfig
-from common.torch_thread import run_on_torch_thread
+from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import ImageSpan, Request, SamplingParams
@@ -87,9 +87,7 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        # The torch thread runs its queue in order: once this no-op ran, no forward of ours is
-        # still in flight.
-        await run_on_torch_thread(_nothing)
+        await wait_torch_thread_idle()  # no forward of ours is left in flight
 
     @property
     def idle(self) -> bool:
@@ -246,7 +244,3 @@ class Engine:
         m.prefix_hit_tokens.inc(hits - self._seen[0])
         m.preemptions.inc(preemptions - self._seen[1])
         self._seen = (hits, preemptions)
-
-
-def _nothing() -> None:
-    pass

@@ -9,6 +9,11 @@ hurts both alike.
 
 - `batched`: the service defaults (max patches / images per forward, short batch window);
 - `single`: `max_batch_images = 1`, everything else equal.
+
+It also measures the ceiling batching can reach on this machine: the same images, already
+preprocessed, through the tower alone (no serving) one per forward vs `--clients` per forward.
+On a CPU the tower is compute-bound, so that ceiling is close to 1x; the served speedup can only
+approach it.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from bench.generate import synthetic_image
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import ServerConfig
 from common.rpc import encoder_pb2, encoder_pb2_grpc
+from common.torch_thread import run_on_torch_thread
 from common.transfer import Consumer, TransferConfig, host_id
 from services.encoder.__main__ import EncoderServiceConfig, start
+from services.encoder.batcher import Batcher
 from services.encoder.encoder import EncoderConfig
+from services.encoder.preprocess import ProcessedImage, preprocess
 
 DEFAULT_SIZES = "224x224,640x480,96x96,512x384,320x320,160x120,800x600,384x256"
 
@@ -66,17 +74,20 @@ def run(args: argparse.Namespace) -> int:
         for r in range(args.rounds)
     ]
     best: dict[str, Result] = {}
+    ceiling: dict[str, float] = {}
     for r in range(args.rounds):
         for mode in ("single", "batched"):
-            result = asyncio.run(_measure(args, mode, streams[r]))
+            result = asyncio.run(_measure(args, mode, streams[r], ceiling))
             if mode not in best or result.images_per_s > best[mode].images_per_s:
                 best[mode] = result
     ratio = best["batched"].images_per_s / best["single"].images_per_s
     if args.json:
         rows = [{**vars(r), "images_per_s": round(r.images_per_s, 2)} for r in best.values()]
-        print(json.dumps({"results": rows, "speedup": round(ratio, 3)}))
+        tower = {k: round(v, 3) for k, v in ceiling.items()}
+        print(json.dumps({"results": rows, "speedup": round(ratio, 3), "tower_only": tower}))
     else:
         _print_table(list(best.values()), ratio, args.clients)
+        _print_ceiling(ceiling, args.clients)
     return 0
 
 
@@ -85,7 +96,9 @@ def _size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-async def _measure(args: argparse.Namespace, mode: str, images: list[bytes]) -> Result:
+async def _measure(
+    args: argparse.Namespace, mode: str, images: list[bytes], ceiling: dict[str, float]
+) -> Result:
     batching = EncoderConfig(cache_bytes=0, max_batch_images=64 if mode == "batched" else 1)
     cfg = EncoderServiceConfig(
         model=args.model,
@@ -106,6 +119,10 @@ async def _measure(args: argparse.Namespace, mode: str, images: list[bytes]) -> 
                 await _drive(stub, consumer, images, args.clients)
                 seconds = time.perf_counter() - started
                 forwards = service.encoder.batcher.forwards - forwards
+            if mode == "batched":
+                pre = [preprocess(data, service.encoder.preprocess_cfg) for data in images]
+                for key, value in (await _tower_only(service.encoder.batcher, pre, args)).items():
+                    ceiling[key] = max(ceiling.get(key, 0.0), value)
     finally:
         await service.stop(0)
     return Result(mode, len(images), seconds, forwards)
@@ -125,6 +142,35 @@ async def _drive(
             await consumer.fetch_async(reply.images[0].handle)
 
     await asyncio.gather(*(client() for _ in range(clients)))
+
+
+async def _tower_only(
+    batcher: Batcher, images: list[ProcessedImage], args: argparse.Namespace
+) -> dict[str, float]:
+    """Images/s of the bare tower: one image per forward vs groups of `--clients` images (cut
+    where `max_batch_patches` would cut them), the same images in the same order."""
+    groups: list[list[ProcessedImage]] = [[]]
+    for image in images:
+        patches = sum(i.pixel_values.shape[0] for i in groups[-1]) + image.pixel_values.shape[0]
+        if groups[-1] and (len(groups[-1]) >= args.clients or patches > batcher.max_batch_patches):
+            groups.append([])
+        groups[-1].append(image)
+
+    def timed(batches: list[list[ProcessedImage]]) -> float:
+        started = time.perf_counter()
+        for batch in batches:
+            batcher.forward([i.pixel_values for i in batch], [i.grid_thw for i in batch])
+        return len(images) / (time.perf_counter() - started)
+
+    single = await run_on_torch_thread(timed, [[i] for i in images])
+    batched = await run_on_torch_thread(timed, groups)
+    return {"single_images_per_s": single, "batched_images_per_s": batched}
+
+
+def _print_ceiling(ceiling: dict[str, float], clients: int) -> None:
+    single, batched = ceiling["single_images_per_s"], ceiling["batched_images_per_s"]
+    print(f"tower alone, no serving: {single:.2f} images/s one per forward, {batched:.2f} with "
+          f"up to {clients} per forward: ceiling {batched / single:.2f}x")  # fmt: skip
 
 
 def _print_table(results: list[Result], ratio: float, clients: int) -> None:

@@ -5,6 +5,10 @@ fetches it into a preallocated, prefaulted buffer; the time is the consumer's wa
 fetch call until the data is in its buffer and acknowledged. The reference `memcpy` (one libc
 memcpy via numpy into a prefaulted buffer, as in FACTS.md) is measured in the same run, so ratios
 are comparable even on a noisy machine.
+
+Two more references show what this host allows below each backend (`bench.transfer_ceiling`):
+`tcp`, a raw loopback socket, caps the gRPC stream; `cma`, a bare `process_vm_readv`, caps NIXL
+on one host without RDMA. Each backend's ratio to its ceiling is printed when both ran.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ import time
 import numpy as np
 import torch
 
+from bench.transfer_ceiling import CEILINGS
+from bench.transfer_ceiling import measure as measure_ceiling
 from common.rpc import tensor_pb2
 from common.transfer import Consumer, TransferConfig
 from common.transfer.config import MIB
 from common.transfer.loopback import LoopbackProducer, make_tensor
 
-BACKENDS = ("memcpy", "shm", "nixl", "grpc")
+BACKENDS = ("memcpy", "shm", "nixl", "grpc", *CEILINGS)
+# The raw path under each backend, on one host.
+CEILING_OF = {"grpc": "tcp", "nixl": "cma"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +79,8 @@ def _measure(backend: str, sizes: list[int], repeat: int) -> dict[int, float]:
                 times.append(time.perf_counter() - start)
             result[size] = size * MIB / statistics.median(times[2:]) / 1e9
         return result
+    if backend in CEILINGS:
+        return {s: measure_ceiling(backend, s * MIB, _repeats(s, repeat)) for s in sizes}
     pool_mib = 4 * max(sizes) + 8
     with (
         LoopbackProducer(backend, pool_mib=pool_mib) as producer,
@@ -117,3 +127,9 @@ def _print_table(rows: list[dict[str, object]], sizes: list[int], names: list[st
             if name != "memcpy":
                 ratios = [float(cell[(name, s)]) / float(cell[("memcpy", s)]) for s in sizes]  # type: ignore[arg-type]
                 print(f"{name:<8}" + "".join(f"{r:>14.2f}" for r in ratios))
+    pairs = [(b, c) for b, c in CEILING_OF.items() if b in names and c in names]
+    if pairs:
+        print("ratio to the raw path under it:")
+        for name, ceiling in pairs:
+            ratios = [float(cell[(name, s)]) / float(cell[(ceiling, s)]) for s in sizes]  # type: ignore[arg-type]
+            print(f"{f'{name}/{ceiling}':<8}" + "".join(f"{r:>14.2f}" for r in ratios))

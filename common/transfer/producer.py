@@ -14,6 +14,7 @@ from common.transfer.backends.base import ExportContext, Exporter
 from common.transfer.config import TransferConfig
 from common.transfer.errors import TransferError
 from common.transfer.host import host_id
+from common.transfer.hostmem import host_buffer
 from common.transfer.pool import TensorPool
 from common.transfer.servicer import TensorStoreServicer
 from common.transfer.shm_segment import ShmSegment, sweep_stale
@@ -49,7 +50,11 @@ class Producer:
             assert self.segment.tensor is not None
             memory = self.segment.tensor
         else:
-            memory = torch.zeros(config.pool_bytes, dtype=torch.uint8, device=config.device)
+            memory = (
+                host_buffer(config.pool_bytes)
+                if config.device == "cpu"
+                else torch.zeros(config.pool_bytes, dtype=torch.uint8, device=config.device)
+            )
         self.pool = TensorPool(memory)
         ctx = ExportContext(self.pool, config, self.segment, store_address)
         self._exporters: dict[str, Exporter] = {}

@@ -2,9 +2,10 @@
 RDMA across hosts, cuda_ipc/GPUDirect when the pool or `out` is on a GPU).
 
 The producer registers its whole pool once (on an RDMA NIC registration pins every page; UCX
-without RDMA registered a 1 GiB pool in under 10 ms here). The consumer registers its `out`
-buffers (cached when the caller reuses them), reads the data, re-reads the slot header to prove
-the slot was not reclaimed meanwhile, then acknowledges by writing the header. A deadline aborts the READ (releasing a NIXL request cancels it) before `fetch` returns.
+without RDMA registered a 1 GiB pool in under 10 ms here). The consumer registers its `out` buffers
+(cached when the caller reuses them), reads the data, re-reads the slot header to prove the slot
+was not reclaimed meanwhile, then acknowledges by writing the header. A deadline aborts the READ
+(releasing a NIXL request cancels it) before `fetch` returns.
 """
 
 from __future__ import annotations

@@ -54,6 +54,10 @@ class ServerConfig:
             raise ValueError("tls_ca needs tls_cert and tls_key")
 
 
+# What a service's own drain left running (a stuck call, a tensor stream) gets this long more.
+_AFTER_DRAIN_GRACE_S = 2.0
+
+
 class GrpcServer:
     def __init__(self, cfg: ServerConfig, service_names: Sequence[str]) -> None:
         self.cfg = cfg
@@ -110,16 +114,29 @@ class GrpcServer:
             self._httpd = None
 
     async def serve_until_signal(
-        self, on_stop: Callable[[], Awaitable[None]] | None = None
+        self,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
+        drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Block until SIGTERM/SIGINT, then drain and stop; `on_stop` runs after the drain."""
+        """Block until SIGTERM/SIGINT, then drain and stop; `on_stop` runs after the drain.
+
+        `drain`, if given, runs first with health NOT_SERVING and the server still accepting
+        calls: a service whose own RPCs must outlive its main one (the encoder's TensorStore,
+        while consumers pull what Encode published) refuses new work itself and returns when
+        what is left may be cut off by the server's stop.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("signal received: draining for up to %.0f s", self.cfg.grace_s)
-        await self.stop()
+        if drain is None:
+            await self.stop()
+        else:
+            await self.health.enter_graceful_shutdown()
+            await drain()
+            await self.stop(_AFTER_DRAIN_GRACE_S)
         if on_stop is not None:
             await on_stop()
         log.info("stopped")

@@ -42,8 +42,8 @@ class EncoderServiceConfig:
     # Host put in gRPC-backend handles ("host:port" of our TensorStore); None = the listen host,
     # or this machine's hostname when listening on all interfaces.
     advertise_host: str | None = None
-    # After the drain on SIGTERM, how long consumers may still pull published tensors (shm,
-    # nixl) before the pool is unlinked, in seconds.
+    # On SIGTERM, once Encode calls are answered, how long consumers may still pull published
+    # tensors (over any transport) before the server stops and the pool is freed, in seconds.
     handoff_s: float = 5.0
 
 
@@ -216,13 +216,24 @@ class EncoderService:
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop at once (no hand-off period): for tests and embedding."""
         await self.server.stop(grace)
-        await self.close(handoff_s=0.0)
+        await self.close()
 
-    async def close(self, handoff_s: float) -> None:
-        """After the server stopped: let consumers finish pulling, then free everything."""
-        end = time.monotonic() + handoff_s
+    async def drain(self) -> None:
+        """SIGTERM, before the server stops: refuse new Encode calls, let the running ones
+        answer, then keep TensorStore up while consumers pull and acknowledge what was
+        published (every transport: gRPC-transport consumers need the server itself)."""
+        grace = self.cfg.server.grace_s
+        if not await self.servicer.drain(grace):
+            log.warning("Encode calls still running after %.0f s; stopping anyway", grace)
+        end = time.monotonic() + self.cfg.handoff_s
         while self.producer.bytes_in_use > 0 and time.monotonic() < end:
             await asyncio.sleep(0.05)
+        if self.producer.bytes_in_use:
+            log.warning("%d tensors never pulled within the %.0f s hand-off; dropping them",
+                        len(self.producer.pool), self.cfg.handoff_s)  # fmt: skip
+
+    async def close(self) -> None:
+        """After the server stopped: free the encoder and the pool."""
         if self.encoder is not None:
             await self.encoder.stop()
         self.producer.close()
@@ -263,4 +274,4 @@ async def start(cfg: EncoderServiceConfig) -> EncoderService:
 
 async def serve(cfg: EncoderServiceConfig) -> None:
     service = await start(cfg)
-    await service.server.serve_until_signal(lambda: service.close(cfg.handoff_s))
+    await service.server.serve_until_signal(service.close, drain=service.drain)

@@ -18,6 +18,20 @@ _NO_DEADLINE_S = 1e7
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def __init__(self, encoder: Encoder | None) -> None:
         self.encoder = encoder  # None while the weights load
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls from now on; wait up to `timeout` s for the running ones to answer.
+        True when none is left."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def Encode(
         self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext
@@ -25,7 +39,26 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         encoder = self.encoder
         if encoder is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this encoder is shutting down; retry another one"
+            )
         assert encoder is not None
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._encode(encoder, request, context)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _encode(
+        self,
+        encoder: Encoder,
+        request: encoder_pb2.EncodeRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> encoder_pb2.EncodeReply:
         remaining = context.time_remaining()
         deadline = None
         if remaining is not None and remaining < _NO_DEADLINE_S:

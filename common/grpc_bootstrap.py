@@ -30,6 +30,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from common.tls import ClientTLS
+from common.tls import channel as tls_channel
+
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
@@ -192,9 +195,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def health_check(address: str, service: str = "", timeout: float = 5.0) -> str:
+def health_check(
+    address: str, service: str = "", timeout: float = 5.0, tls: ClientTLS | None = None
+) -> str:
     """Status of `service` at `address` ("SERVING", "NOT_SERVING", ...); raises grpc.RpcError."""
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address, tls, []) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

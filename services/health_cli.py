@@ -8,12 +8,11 @@ where native gRPC probes cannot be used, e.g. with TLS). Exit status 0 when SERV
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.grpc_bootstrap import health_check
+from common.tls import add_client_tls_arguments, client_tls_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,23 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: 5)"
     )
-    tls = parser.add_argument_group("TLS (for servers started with --ssl-certfile)")
-    tls.add_argument("--ssl-ca-certs", default=None, help="PEM CA bundle: connect with TLS")
-    tls.add_argument("--ssl-certfile", default=None, help="PEM client certificate (mutual TLS)")
-    tls.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
+    add_client_tls_arguments(parser, "", "a server started with --ssl-certfile")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
-    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
-        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    tls = client_tls_from_args(args, "")
     target = f"{args.address} ({args.service or 'server'})"
     try:
-        if args.ssl_ca_certs is None:
-            status = health_check(args.address, args.service, args.timeout)
-        else:
-            status = _tls_health_check(args)
+        status = health_check(args.address, args.service, args.timeout, tls)
     except grpc.RpcError as e:
         # grpc.Call and grpc.RpcError are one object at run time; the type stubs keep them apart.
         code = e.code().name if isinstance(e, grpc.Call) else "ERROR"
@@ -49,15 +41,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{target}: {status}")
     return 0 if status == "SERVING" else 1
-
-
-def _tls_health_check(args: argparse.Namespace) -> str:
-    """`health_check` over a TLS channel (mutual when a client certificate is given)."""
-    key = Path(args.ssl_keyfile).read_bytes() if args.ssl_keyfile else None
-    cert = Path(args.ssl_certfile).read_bytes() if args.ssl_certfile else None
-    creds = grpc.ssl_channel_credentials(Path(args.ssl_ca_certs).read_bytes(), key, cert)
-    with grpc.secure_channel(args.address, creds) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        request = health_pb2.HealthCheckRequest(service=args.service)
-        reply = stub.Check(request, timeout=args.timeout)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,28 @@ def tiny_dense_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-moe"), seed=3, arch="qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A test CA and two certificates it signed, made with the openssl CLI: `server` (for
+    localhost and 127.0.0.1) and `client`. Keys are "<name>.key", certificates "<name>.crt"."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca_crt = str(d / "ca.key"), str(d / "ca.crt")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=epd test CA", "-keyout", ca_key, "-out", ca_crt)  # fmt: skip
+    for name, san in (("server", "DNS:localhost,IP:127.0.0.1"), ("client", "DNS:client")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))  # fmt: skip
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", ca_crt,
+                "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+                "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"))  # fmt: skip
+    return {p.name: p for p in d.iterdir()}
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.tls import ClientTLS
+
 BACKEND_CHOICES = ("auto", "shm", "nixl", "grpc")
 
 MIB = 1 << 20
@@ -40,6 +42,8 @@ class TransferConfig:
     # sided READs over CMA or RDMA need no producer progress; the reaper progresses the agent
     # every `reap_interval_s` for connection set-up. Enable for TCP-only fabrics.
     nixl_progress_thread: bool = False
+    # Consumer, grpc backend: TLS to producers' TensorStore (None = plaintext).
+    client_tls: ClientTLS | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:

@@ -14,6 +14,7 @@ from aiohttp import web
 from common.config import ModelConfig
 from common.grpc_bootstrap import GrpcServer, ServerConfig
 from common.rpc import gateway_pb2, gateway_pb2_grpc
+from common.tls import ClientTLS, add_client_tls_arguments, client_tls_from_args
 from common.tokenizer import ChatTokenizer
 from services.gateway.backends import BackendPool
 from services.gateway.grpc_api import ChatServicer
@@ -40,6 +41,7 @@ class GatewayConfig:
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     refresh_s: float = 2.0  # DNS re-resolution and health-check period
     grace_s: float = 20.0
+    backend_tls: ClientTLS | None = None  # TLS to encoders and language replicas
 
     @property
     def model_name(self) -> str:
@@ -99,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.grace_s,
         help="seconds in-flight requests get to finish on SIGTERM",
     )
+    add_client_tls_arguments(parser, "backend-", "encoders and language replicas")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -116,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         limits=Limits(args.max_images_per_request, args.max_image_bytes, media),
         orchestrator=OrchestratorConfig(encode_timeout_s=args.encode_timeout),
         grace_s=args.grace_period,
+        backend_tls=client_tls_from_args(args, "backend-"),
     )
 
 
@@ -149,8 +153,11 @@ async def start(cfg: GatewayConfig, wait_s: float = 0.0) -> GatewayService:
     tokenizer = ChatTokenizer(cfg.model)
     if model_cfg.is_multimodal and not cfg.encoders:
         log.warning("no --encoders given: requests with images will be refused")
-    encoders = BackendPool("encoder", cfg.encoders, cfg.refresh_s) if cfg.encoders else None
-    language = BackendPool("language", cfg.language, cfg.refresh_s)
+    tls = cfg.backend_tls
+    encoders = (
+        BackendPool("encoder", cfg.encoders, cfg.refresh_s, tls=tls) if cfg.encoders else None
+    )
+    language = BackendPool("language", cfg.language, cfg.refresh_s, tls=tls)
     pools = [p for p in (encoders, language) if p is not None]
     for pool in pools:
         await pool.start()

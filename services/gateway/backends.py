@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.tls import ClientTLS, aio_channel
+
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.keepalive_time_ms", 20_000),
@@ -53,8 +55,10 @@ class BackendPool:
         targets: Iterable[str],
         refresh_s: float = 2.0,
         check_timeout_s: float = 1.0,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.name = name
+        self.tls = tls
         self.targets = [t.strip() for t in targets if t.strip()]
         if not self.targets:
             raise ValueError(f"no {name} addresses given")
@@ -113,7 +117,7 @@ class BackendPool:
     async def refresh(self) -> None:
         addresses = await asyncio.to_thread(resolve_all, self.targets)
         for addr in addresses - self.backends.keys():
-            channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            channel = aio_channel(addr, self.tls, CHANNEL_OPTIONS)
             self.backends[addr] = Backend(addr, channel)
             log.info("%s backend added: %s", self.name, addr)
         for addr in self.backends.keys() - addresses:

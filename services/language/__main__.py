@@ -11,9 +11,10 @@ from common.config import ModelConfig
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.rpc import language_pb2, language_pb2_grpc
+from common.tls import ClientTLS, add_client_tls_arguments, client_tls_from_args
 from common.tokenizer import ChatTokenizer
 from common.torch_thread import run_on_torch_thread
-from common.transfer import Consumer
+from common.transfer import Consumer, TransferConfig
 from services.language.engine.engine import Engine
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import SamplingParams
@@ -37,6 +38,7 @@ class LanguageConfig:
     block_size: int = 16
     pull_timeout_s: float = 30.0
     cuda_graphs: bool = True  # decode steps through CUDA graphs (CUDA + Triton kernels only)
+    encoder_tls: ClientTLS | None = None  # TLS to encoders' TensorStore (grpc transport)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=LanguageConfig.pull_timeout_s,
         help="seconds allowed to pull one request's images",
     )
+    add_client_tls_arguments(parser, "encoder-", "encoders (TensorStore, grpc transport)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         pull_timeout_s=args.pull_timeout,
         cuda_graphs=args.cuda_graphs,
+        encoder_tls=client_tls_from_args(args, "encoder-"),
     )
     asyncio.run(serve(cfg))
     return 0
@@ -133,7 +137,7 @@ async def start(cfg: LanguageConfig) -> LanguageService:
     service = language_pb2.DESCRIPTOR.services_by_name["Language"].full_name
     server = GrpcServer(cfg.server, [service])
     metrics = LanguageMetrics()
-    consumer = Consumer()
+    consumer = Consumer(TransferConfig(client_tls=cfg.encoder_tls))
     servicer = LanguageServicer(None, consumer, cfg.pull_timeout_s)
     language_pb2_grpc.add_LanguageServicer_to_server(servicer, server.server)
     # Listen while the weights load, so probes see a live (not yet serving) process.

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from common.rpc import tensor_pb2
+from common.tls import ClientTLS
+from common.tls import channel as tls_channel
 from common.transfer import metrics, wire
 from common.transfer.backends.base import ExportContext
 from common.transfer.config import MIB, TransferConfig
@@ -27,7 +29,7 @@ from common.transfer.pool import Slot
 log = logging.getLogger(__name__)
 
 # Chunks are at most 4 MiB (TransferConfig); leave room for the message framing.
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", 4 * MIB + 64),
     ("grpc.max_send_message_length", 4 * MIB + 64),
 ]
@@ -50,8 +52,8 @@ class Exporter:
 
 
 class _Stub:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, tls: ClientTLS | None) -> None:
+        self.channel = tls_channel(address, tls, CHANNEL_OPTIONS)
         # Raw responses: wire.chunk_data slices the data out without a protobuf copy.
         self.fetch = self.channel.unary_stream(
             wire.FETCH_METHOD,
@@ -66,6 +68,7 @@ class _Stub:
 
 class Reader:
     def __init__(self, config: TransferConfig) -> None:
+        self._tls = config.client_tls
         self._stubs: dict[str, _Stub] = {}
         self._lock = threading.Lock()
 
@@ -114,7 +117,7 @@ class Reader:
     def _stub(self, address: str) -> _Stub:
         with self._lock:
             if address not in self._stubs:
-                self._stubs[address] = _Stub(address)
+                self._stubs[address] = _Stub(address, self._tls)
             return self._stubs[address]
 
 

@@ -14,9 +14,12 @@ on one host without RDMA. Each backend's ratio to its ceiling is printed when bo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(names) - set(BACKENDS)
     if unknown or not sizes or min(sizes) <= 0:
         raise ValueError(f"bad --backends {sorted(unknown)} or --sizes {args.sizes!r}")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
-        for size, gbps in _measure(name, sizes, args.repeat).items():
-            rows.append({"backend": name, "size_mib": size, "gbps": round(gbps, 3)})
+        for size, cell in _measure(name, sizes, args.repeat).items():
+            rows.append({"backend": name, "size_mib": size, **_rounded(cell)})
     if args.json:
         print(json.dumps(rows))
     else:
@@ -65,8 +68,13 @@ def _repeats(size_mib: int, repeat: int) -> int:
     return repeat or (30 if size_mib <= 1 else 15 if size_mib <= 16 else 7)
 
 
-def _measure(backend: str, sizes: list[int], repeat: int) -> dict[int, float]:
-    """Median GB/s (1e9 bytes/s) per size for one backend."""
+def _rounded(cell: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3 if k == "gbps" else 1) for k, v in cell.items()}
+
+
+def _measure(backend: str, sizes: list[int], repeat: int) -> dict[int, dict[str, float]]:
+    """Per size: "gbps", the median GB/s (1e9 bytes/s); for the loopback backends also the mean
+    CPU time one fetch costs the producer and the consumer process, in ms (all threads)."""
     if backend == "memcpy":
         result = {}
         for size in sizes:
@@ -77,10 +85,10 @@ def _measure(backend: str, sizes: list[int], repeat: int) -> dict[int, float]:
                 start = time.perf_counter()
                 np.copyto(dst, src)
                 times.append(time.perf_counter() - start)
-            result[size] = size * MIB / statistics.median(times[2:]) / 1e9
+            result[size] = {"gbps": size * MIB / statistics.median(times[2:]) / 1e9}
         return result
     if backend in CEILINGS:
-        return {s: measure_ceiling(backend, s * MIB, _repeats(s, repeat)) for s in sizes}
+        return {s: {"gbps": measure_ceiling(backend, s * MIB, _repeats(s, repeat))} for s in sizes}
     pool_mib = 4 * max(sizes) + 8
     with (
         LoopbackProducer(backend, pool_mib=pool_mib) as producer,
@@ -89,18 +97,39 @@ def _measure(backend: str, sizes: list[int], repeat: int) -> dict[int, float]:
         return {size: _measure_size(producer, consumer, size, repeat) for size in sizes}
 
 
-def _measure_size(producer: LoopbackProducer, consumer: Consumer, size: int, repeat: int) -> float:
+def _measure_size(
+    producer: LoopbackProducer, consumer: Consumer, size: int, repeat: int
+) -> dict[str, float]:
     shape = (size * MIB,)
     out = torch.zeros(shape, dtype=torch.uint8)  # zeroed: prefaulted
     times = []
-    for _ in range(_repeats(size, repeat) + 2):  # the first two warm connections and caches
+    cpu_producer = cpu_consumer = 0.0
+    for i in range(_repeats(size, repeat) + 2):  # the first two warm connections and caches
         handle = _publish(producer, shape, size)
+        producer_before, consumer_before = _cpu_s(producer.pid), time.process_time()
         start = time.perf_counter()
         consumer.fetch(handle, out=out)
         times.append(time.perf_counter() - start)
+        if i >= 2:
+            cpu_producer += _cpu_s(producer.pid) - producer_before
+            cpu_consumer += time.process_time() - consumer_before
     if not torch.equal(out, make_tensor(torch.uint8, shape, seed=size)):
         raise RuntimeError(f"bench-transfer: wrong data from {producer.backends}")
-    return size * MIB / statistics.median(times[2:]) / 1e9
+    n = len(times) - 2
+    return {
+        "gbps": size * MIB / statistics.median(times[2:]) / 1e9,
+        "cpu_ms_producer": cpu_producer / n * 1e3,
+        "cpu_ms_consumer": cpu_consumer / n * 1e3,
+    }
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds the threads of process `pid` have run, from their schedstat (ns precision)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just exited
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def _publish(
@@ -116,20 +145,34 @@ def _publish(
     raise RuntimeError("bench-transfer: producer pool stayed full")
 
 
-def _print_table(rows: list[dict[str, object]], sizes: list[int], names: list[str]) -> None:
-    cell = {(r["backend"], r["size_mib"]): r["gbps"] for r in rows}
-    print(f"{'backend':<8}" + "".join(f"{f'{s} MiB GB/s':>14}" for s in sizes))
+def _print_table(rows: list[dict[str, Any]], sizes: list[int], names: list[str]) -> None:
+    by = {(r["backend"], r["size_mib"]): r for r in rows}
+
+    def line(label: str, cells: list[str]) -> None:
+        print(f"{label:<8}" + "".join(f"{c:>14}" for c in cells))
+
+    line("backend", [f"{s} MiB GB/s" for s in sizes])
     for name in names:
-        print(f"{name:<8}" + "".join(f"{cell[(name, s)]:>14.2f}" for s in sizes))
+        line(name, [f"{by[(name, s)]['gbps']:.2f}" for s in sizes])
     if "memcpy" in names:
         print("ratio to memcpy:")
         for name in names:
             if name != "memcpy":
-                ratios = [float(cell[(name, s)]) / float(cell[("memcpy", s)]) for s in sizes]  # type: ignore[arg-type]
-                print(f"{name:<8}" + "".join(f"{r:>14.2f}" for r in ratios))
-    pairs = [(b, c) for b, c in CEILING_OF.items() if b in names and c in names]
-    if pairs:
+                line(
+                    name,
+                    [f"{by[(name, s)]['gbps'] / by[('memcpy', s)]['gbps']:.2f}" for s in sizes],
+                )
+    below = [(b, c) for b, c in CEILING_OF.items() if b in names and c in names]
+    if below:
         print("ratio to the raw path under it:")
-        for name, ceiling in pairs:
-            ratios = [float(cell[(name, s)]) / float(cell[(ceiling, s)]) for s in sizes]  # type: ignore[arg-type]
-            print(f"{f'{name}/{ceiling}':<8}" + "".join(f"{r:>14.2f}" for r in ratios))
+        for name, raw in below:
+            line(
+                f"{name}/{raw}",
+                [f"{by[(name, s)]['gbps'] / by[(raw, s)]['gbps']:.2f}" for s in sizes],
+            )
+    measured = [n for n in names if "cpu_ms_producer" in by[(n, sizes[0])]]
+    if measured:
+        print("CPU ms per fetch, producer + consumer (2 cores give 2 x the wall time):")
+        for name in measured:
+            cells = [by[(name, s)] for s in sizes]
+            line(name, [f"{c['cpu_ms_producer']:.1f} + {c['cpu_ms_consumer']:.1f}" for c in cells])

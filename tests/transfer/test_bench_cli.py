@@ -18,6 +18,11 @@ def test_bench_transfer_json() -> None:
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["backend"] for r in rows] == ["memcpy", "shm", "nixl", "grpc", "tcp", "cma"]
     assert all(r["size_mib"] == 1 and r["gbps"] > 0 for r in rows)
+    # The loopback backends also say what one fetch costs each process in CPU.
+    timed = {r["backend"] for r in rows if r.get("cpu_ms_consumer", 0) > 0}
+    assert timed == {"shm", "nixl", "grpc"}
+    grpc_row = rows[3]
+    assert grpc_row["cpu_ms_producer"] > 0  # the producer streams every byte itself
 
 
 def test_table_shows_each_backend_against_its_raw_path() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,10 @@ class GatewayConfig:
     refresh_s: float = 2.0  # DNS re-resolution and health-check period
     grace_s: float = 20.0
     backend_tls: ClientTLS | None = None  # TLS to encoders and language replicas
+    # TLS on both front doors, HTTP and gRPC (PEM files); `tls_ca` requires client certificates.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     @property
     def model_name(self) -> str:
@@ -101,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.grace_s,
         help="seconds in-flight requests get to finish on SIGTERM",
     )
+    tls = parser.add_argument_group("TLS on the HTTP and gRPC ports")
+    tls.add_argument("--ssl-certfile", default=None, help="PEM certificate chain: serve HTTPS")
+    tls.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
+    tls.add_argument(
+        "--ssl-ca-certs", default=None, help="PEM CA bundle: require client certificates"
+    )
     add_client_tls_arguments(parser, "backend-", "encoders and language replicas")
 
 
@@ -120,6 +131,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         orchestrator=OrchestratorConfig(encode_timeout_s=args.encode_timeout),
         grace_s=args.grace_period,
         backend_tls=client_tls_from_args(args, "backend-"),
+        tls_cert=args.ssl_certfile,
+        tls_key=args.ssl_keyfile,
+        tls_ca=args.ssl_ca_certs,
     )
 
 
@@ -139,7 +153,8 @@ class GatewayService:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/v1"
+        scheme = "https" if self.cfg.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}/v1"
 
     async def stop(self, grace: float | None = None) -> None:
         await self.grpc.stop(grace)
@@ -149,6 +164,15 @@ class GatewayService:
 
 
 async def start(cfg: GatewayConfig, wait_s: float = 0.0) -> GatewayService:
+    server_cfg = ServerConfig(
+        host=cfg.host,
+        port=cfg.grpc_port,
+        metrics_port=cfg.metrics_port,
+        grace_s=cfg.grace_s,
+        tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key,
+        tls_ca=cfg.tls_ca,
+    )  # checks the TLS flags before anything starts
     model_cfg = ModelConfig.from_dir(cfg.model)
     tokenizer = ChatTokenizer(cfg.model)
     if model_cfg.is_multimodal and not cfg.encoders:
@@ -170,12 +194,9 @@ async def start(cfg: GatewayConfig, wait_s: float = 0.0) -> GatewayService:
     http = HttpApi(orchestrator, cfg.model_name, cfg.limits, cfg.api_key, ready)
     runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.http_port)
+    site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=_ssl_context(cfg))
     await site.start()
     http_port = runner.addresses[0][1]
-    server_cfg = ServerConfig(
-        host=cfg.host, port=cfg.grpc_port, metrics_port=cfg.metrics_port, grace_s=cfg.grace_s
-    )
     service_name = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
     grpc_server = GrpcServer(server_cfg, [service_name])
     gateway_pb2_grpc.add_ChatServicer_to_server(
@@ -194,6 +215,18 @@ async def start(cfg: GatewayConfig, wait_s: float = 0.0) -> GatewayService:
         grpc_server.port,
     )
     return GatewayService(cfg, grpc_server, runner, http_port, pools, metrics)
+
+
+def _ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
+    """The HTTP side's TLS, from the same files as the gRPC side's."""
+    if cfg.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_ca is not None:
+        ctx.load_verify_locations(cfg.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 async def serve(cfg: GatewayConfig) -> None:

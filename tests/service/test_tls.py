@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ from common.tls import ClientTLS, add_client_tls_arguments, client_tls_from_args
 from common.transfer import Consumer, ProducerLostError, TransferConfig, host_id
 from services.encoder.__main__ import EncoderServiceConfig, start
 from services.encoder.encoder import EncoderConfig
+from services.gateway.__main__ import GatewayConfig
+from services.gateway.__main__ import start as start_gateway
 from services.gateway.backends import BackendPool
 
 
@@ -93,3 +98,60 @@ def test_encoder_over_mutual_tls(tiny_model: Path, pki: dict[str, Path], png) ->
             await service.stop(0)
 
     asyncio.run(body())
+
+
+def test_gateway_front_doors_speak_tls(tiny_model: Path, pki: dict[str, Path]) -> None:
+    ca, cert, key = (str(pki[n]) for n in ("ca.crt", "client.crt", "client.key"))
+    cfg = GatewayConfig(
+        model=str(tiny_model),
+        encoders=(),
+        language=("127.0.0.1:1",),  # nothing there: the gateway is up but not ready
+        host="127.0.0.1",
+        http_port=0,
+        grpc_port=0,
+        tls_cert=str(pki["server.crt"]),
+        tls_key=str(pki["server.key"]),
+        tls_ca=ca,  # mutual
+    )
+
+    def get_health(url: str, client_cert: bool) -> int:
+        ctx = ssl.create_default_context(cafile=ca)
+        if client_cert:
+            ctx.load_cert_chain(cert, key)
+        try:
+            with urllib.request.urlopen(url, context=ctx, timeout=10) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    async def body() -> None:
+        service = await start_gateway(cfg)
+        try:
+            assert service.base_url.startswith("https://")
+            health = service.base_url.removesuffix("/v1") + "/health"
+            # Up over HTTPS (503: no language replica is healthy yet).
+            assert await asyncio.to_thread(get_health, health, True) == 503
+            with pytest.raises(OSError):  # no client certificate: refused (SSL error or reset)
+                await asyncio.to_thread(get_health, health, False)
+            with pytest.raises(OSError):  # plaintext HTTP: refused
+                await asyncio.to_thread(urllib.request.urlopen, health.replace("https", "http"))
+            grpc_address = f"127.0.0.1:{service.grpc.port}"
+            status = await asyncio.to_thread(
+                health_check, grpc_address, "", 5.0, ClientTLS(ca, cert, key)
+            )
+            assert status == "NOT_SERVING"
+        finally:
+            await service.stop(0)
+
+    asyncio.run(body())
+
+
+def test_gateway_refuses_half_tls_config(tiny_model: Path, pki: dict[str, Path]) -> None:
+    cfg = GatewayConfig(
+        model=str(tiny_model),
+        encoders=(),
+        language=("127.0.0.1:1",),
+        tls_cert=str(pki["server.crt"]),
+    )
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        asyncio.run(start_gateway(cfg))

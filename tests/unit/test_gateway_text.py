@@ -33,6 +33,40 @@ def test_stream_deltas_concatenate_to_the_full_decode(tiny_model, seed):
     assert "".join(deltas) == tok.decode(ids)
 
 
+def test_each_step_decodes_a_short_window_not_the_whole_output(tiny_model):
+    tok = ChatTokenizer(tiny_model)
+    ids = tok.encode("A long answer — with ünïcode ✓ and 日本語 in it. " * 60)
+    assert len(ids) > 2000
+    sizes: list[int] = []
+    decode = tok.decode
+
+    def counting_decode(token_ids, skip_special_tokens=True):  # type: ignore[no-untyped-def]
+        sizes.append(len(token_ids))
+        return decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    tok.decode = counting_decode  # type: ignore[method-assign]
+    detok = IncrementalDetokenizer(tok, stop=["never appears"])
+    out = "".join(detok.add([tid]) for tid in ids) + detok.finish()
+    tok.decode = decode  # type: ignore[method-assign]
+    assert out == decode(ids)
+    # A window is the previous step's tokens plus the new one, longer only while a character
+    # is split across tokens (at most 4 UTF-8 bytes).
+    assert max(sizes) <= 8, max(sizes)
+
+
+def test_stop_string_found_across_many_steps(tiny_model):
+    tok = ChatTokenizer(tiny_model)
+    text = "alpha beta " * 40 + "gamma STOP delta " + "epsilon " * 10
+    detok = IncrementalDetokenizer(tok, stop=["gamma STOP"])
+    out = ""
+    for tid in tok.encode(text):
+        out += detok.add([tid])
+        if detok.stopped:
+            break
+    out += detok.finish()
+    assert out == "alpha beta " * 40 and detok.stopped
+
+
 def test_stop_string_truncates_and_is_never_streamed(tiny_model):
     tok = ChatTokenizer(tiny_model)
     ids = tok.encode("The quick brown fox jumps over the lazy dog.")

@@ -122,6 +122,24 @@ def test_prefix_hits_share_blocks_for_the_same_image_only():
     assert blocks.hit_tokens_total == 12
 
 
+def test_decoded_blocks_are_registered_as_they_fill():
+    blocks = BlockManager(num_blocks=64, block_size=4, image_token_id=IMG)
+    sched = Scheduler(SchedulerConfig(), blocks)
+    first = make_request("a", list(range(10)), max_tokens=30)
+    sched.add(first)
+    rng = random.Random(3)
+    while sched.has_work:
+        chunks = sched.schedule()
+        sched.postprocess(chunks, {c.req.id: rng.randrange(50) for c in chunks if c.samples})
+        blocks.check([first] if not first.finished else [])
+    # A follow-up turn carrying the whole first exchange hits every full block of it: the
+    # prompt's and the ones decoding filled, registered step by step.
+    follow = make_request("b", first.prompt_ids + first.output_ids + [7, 7], max_tokens=1)
+    sched.add(follow)
+    sched.schedule()
+    assert follow.num_cached_prompt == (10 + 30 - 1) // 4 * 4  # the last computed token: 39
+
+
 def test_abort_frees_blocks_at_once_and_queue_bound():
     blocks = BlockManager(num_blocks=16, block_size=4, image_token_id=IMG)
     sched = Scheduler(SchedulerConfig(max_waiting=2), blocks)

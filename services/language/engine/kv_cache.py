@@ -77,6 +77,7 @@ class BlockManager:
         for bid in hits:
             self._take(bid)
         req.block_table = list(hits)
+        req.num_registered_blocks = len(hits)
         req.num_computed = len(hits) * self.block_size
         self.hit_tokens_total += req.num_computed
 
@@ -95,11 +96,15 @@ class BlockManager:
             req.block_table.append(bid)
 
     def commit(self, req: Request) -> None:
-        """Register the blocks that `req.num_computed` has just filled completely."""
+        """Register the blocks that `req.num_computed` has just filled completely.
+
+        Starts after the blocks registered before, so a step costs O(new blocks), not
+        O(sequence length)."""
         full = req.num_computed // self.block_size
+        start = req.num_registered_blocks
         ids: list[int] | None = None
-        parent: int | None = None
-        for b in range(full):
+        parent = self.blocks[req.block_table[start - 1]].hash if start else None
+        for b in range(start, full):
             block = self.blocks[req.block_table[b]]
             if block.hash is not None:  # registered earlier (by this request or a shared hit)
                 parent = block.hash
@@ -111,6 +116,7 @@ class BlockManager:
             self.cached.setdefault(h, block.id)
             block.hash, block.key = h, key
             parent = h
+        req.num_registered_blocks = max(start, full)
 
     def release(self, req: Request) -> None:
         """Drop `req`'s references (finish, abort or preemption). Its blocks stay cached."""
@@ -120,6 +126,7 @@ class BlockManager:
             if block.ref == 0:
                 self.free[bid] = None
         req.block_table = []
+        req.num_registered_blocks = 0
         req.num_computed = 0
 
     # ---- internals ----
@@ -151,6 +158,13 @@ class BlockManager:
         for req in live:
             for bid in req.block_table:
                 refs[bid] += 1
+            registered = req.block_table[: req.num_registered_blocks]
+            if len(registered) != req.num_registered_blocks or any(
+                self.blocks[bid].hash is None for bid in registered
+            ):
+                raise AssertionError(f"{req.id}: registered-block count out of step")
+            if req.num_registered_blocks < req.num_computed // self.block_size:
+                raise AssertionError(f"{req.id}: a computed full block is not registered")
         for block in self.blocks:
             if block.ref != refs[block.id]:
                 raise AssertionError(

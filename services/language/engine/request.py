@@ -83,6 +83,8 @@ class Request:
     num_computed: int = 0
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
+    # Leading blocks of block_table registered in the prefix cache (registration is in order).
+    num_registered_blocks: int = 0
     finish_reason: str | None = None
     num_preemptions: int = 0
 

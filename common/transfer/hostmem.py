@@ -5,6 +5,11 @@ Huge pages matter for the one-sided paths: a NIXL READ on one host is a `process
 pins the pool's pages one by one, and RDMA registration walks them too. With 2 MiB pages a 16 MiB
 NIXL read went from about 3.6 to 5 GB/s here (bench-transfer). Under THP `madvise` mode (the
 usual default) only regions that ask get them, which is why the pool asks.
+
+Start-up cost: prefaulting is a memset of the pool. On a VM that hands freed memory back to its
+host (free page reporting, as on the Firecracker VM where this was measured), huge pages are
+often ones the host must back again, and a 1 GiB pool took 2-4 s to fault instead of 0.4 s;
+on bare metal, or once the memory is backed, it is about 0.1-0.2 s.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.language.engine.forward_batch import KVStorage
@@ -163,15 +164,15 @@ class DecodeGraphs:
         width = max(len(t) for t in step.block_tables)
         if bs is None or width > self.max_blocks or len(step.lengths) != n:
             raise ValueError(f"{n} sequences / {width} blocks do not fit the captured graphs")
-        # One host tensor, one copy to the device: per row [position, slot, length, blocks...].
-        pad_row = [0, self.pad_slot, 1] + [self.pad_block] * width
-        rows = [
-            [p, s, length, *table, *[self.pad_block] * (width - len(table))]
-            for p, s, length, table in zip(
-                step.positions, step.slots, step.lengths, step.block_tables, strict=True
-            )
-        ] + [pad_row] * (bs - n)
-        meta = torch.tensor(rows, dtype=torch.long).to(self.embeds.device)  # [bs, 3 + width]
+        # One host array, one copy to the device: per row [position, slot, length, blocks...];
+        # padding rows read only the pad block. Filled by numpy row slices, not one nested
+        # Python list: at 64 sequences x 2048 blocks that list cost milliseconds per step.
+        host = np.full((bs, 3 + width), self.pad_block, dtype=np.int64)
+        host[:, :3] = (0, self.pad_slot, 1)
+        host[:n, 0], host[:n, 1], host[:n, 2] = step.positions, step.slots, step.lengths
+        for row, table in zip(host, step.block_tables, strict=False):
+            row[3 : 3 + len(table)] = table
+        meta = torch.from_numpy(host).to(self.embeds.device)  # [bs, 3 + width]
         self.embeds[:n].copy_(embeds)
         self.positions[:, :bs].copy_(meta[:, 0].expand(3, -1))
         self.slot_mapping[:bs].copy_(meta[:, 1])

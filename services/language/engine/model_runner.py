@@ -55,6 +55,7 @@ class ModelRunner:
         `max_num_seqs`) on CUDA with the Triton kernels; ignored elsewhere."""
         self.cfg, self.model, self.dtype = cfg, model, dtype
         self.device = torch.device(device)
+        self._select_device()
         t = cfg.text
         per_block = KVStorage.bytes_per_block(
             t.num_hidden_layers, block_size, t.num_key_value_heads, t.head_dim, dtype
@@ -80,6 +81,13 @@ class ModelRunner:
             max_blocks = min(self.num_blocks, -(-t.max_position_embeddings // block_size))
             self.graphs = DecodeGraphs(model, self.storage, total_blocks - 1, max_blocks, max_batch)
 
+    def _select_device(self) -> None:
+        """Make our GPU the calling thread's current device: Triton launches, and graph
+        capture creates its stream, on the current device, which is cuda:0 on a new thread
+        whatever tensor they are given (`--device cuda:1` would crash without this)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     @torch.inference_mode()
     def prepare(self, req: Request, images: list[torch.Tensor], grids: list[tuple]) -> None:
         """Build `req.payload` from its prompt ids and its images' wire tensors (prompt order)."""
@@ -99,6 +107,7 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
         """One forward over the chunks; returns a Sample for each chunk that ends its request's
         known tokens."""
+        self._select_device()
         replayed = self._replay(chunks) if self.graphs is not None else None
         hidden, last_rows = replayed if replayed is not None else self._forward(chunks)
         sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]

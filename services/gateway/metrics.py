@@ -28,3 +28,8 @@ class GatewayMetrics:
         self.encoder_retries = Counter(
             "epd_gateway_encoder_retries", "Encode attempts retried on another encoder", registry=r
         )
+        self.language_retries = Counter(
+            "epd_gateway_language_retries",
+            "Requests moved to another language replica before their first token",
+            registry=r,
+        )

@@ -7,6 +7,9 @@
    (rendezvous hashing: cache affinity), retrying on the least-loaded other encoders when it
    fails or does not answer within `encode_timeout_s`.
 4. Expand each image placeholder to the image's token count and stream `Language.Generate`.
+   A replica that cannot be reached before the first token (stopping, dead, not yet caught by
+   health checks) is marked down and the request starts over on another one, images included:
+   their handles may be bound to the first replica's host.
 5. Detokenize incrementally, apply stop strings (aborting the generation downstream), and report
    usage and per-stage timings at the end.
 """
@@ -56,6 +59,9 @@ class OrchestratorConfig:
     encode_timeout_s: float = 30.0  # one Encode attempt; a frozen encoder costs at most this
     generate_timeout_s: float = 600.0  # the whole Language.Generate stream
     max_encode_attempts: int = 3
+    # Language replicas tried for one request when one is unreachable before its first token
+    # (a replica stopping or dead that health checks have not caught yet).
+    max_generate_attempts: int = 2
 
 
 @dataclass
@@ -100,9 +106,31 @@ class Orchestrator:
 
     async def chat(self, req: ChatRequest) -> AsyncGenerator[Delta | Final, None]:
         started = time.monotonic()
-        backend = self.language.least_loaded()
-        if backend is None:
-            raise ApiError(503, "no healthy language service")
+        tried: list[Backend] = []
+        while True:
+            backend = self.language.least_loaded(exclude=tried)
+            if backend is None:
+                seen = f" (tried {', '.join(b.address for b in tried)})" if tried else ""
+                raise ApiError(503, f"no healthy language service{seen}")
+            try:
+                async for item in self._chat_on(backend, req):
+                    yield item
+            except _Unreachable as e:  # raised before anything was yielded
+                self.language.mark_down(backend, e.reason)
+                tried.append(backend)
+                if len(tried) >= self.options.max_generate_attempts:
+                    raise ApiError(503, f"language service: {e.reason}") from None
+                self.metrics.language_retries.inc()
+                continue
+            self.metrics.e2e.observe(time.monotonic() - started)
+            return
+
+    async def _chat_on(
+        self, backend: Backend, req: ChatRequest
+    ) -> AsyncGenerator[Delta | Final, None]:
+        """The request on one language replica. Raises _Unreachable before its first item if
+        the replica cannot be reached (images are encoded again for the next one: their
+        handles may be bound to this replica's host)."""
         info = await self._info(backend)
         try:
             prompt = self.tokenizer.encode(self.tokenizer.render(req.messages))
@@ -134,7 +162,6 @@ class Orchestrator:
         )
         async for item in self._generate(backend, generate, req, timings):
             yield item
-        self.metrics.e2e.observe(time.monotonic() - started)
 
     async def _generate(
         self,
@@ -180,6 +207,8 @@ class Orchestrator:
                 )
                 return
         except grpc.aio.AioRpcError as e:
+            if first and e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise _Unreachable(f"{backend.address}: {e.details() or 'unavailable'}") from None
             raise _language_error(e) from None
         finally:
             backend.outstanding -= 1
@@ -207,8 +236,7 @@ class Orchestrator:
             try:
                 reply = await stub.GetInfo(language_pb2.GetInfoRequest(), timeout=5.0)
             except grpc.aio.AioRpcError as e:
-                self.language.mark_down(backend, e.details() or e.code().name)
-                raise ApiError(503, f"language service unavailable: {e.details()}") from None
+                raise _Unreachable(f"{backend.address}: {e.details() or e.code().name}") from None
             backend.info = {
                 "host_id": reply.host_id,
                 "max_context_tokens": reply.max_context_tokens,
@@ -314,6 +342,14 @@ def _logprobs(
 
 def _token_text(tokenizer: ChatTokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class _Unreachable(Exception):
+    """A language replica failed before the request's first token: safe to try another."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _language_error(e: grpc.aio.AioRpcError) -> ApiError:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,25 +13,9 @@ import pytest
 
 from common.rpc import encoder_pb2, encoder_pb2_grpc
 from common.transfer import Consumer, host_id
+from tests.e2e.serving import EPD, wait_serving
 
-EPD = str(Path(sys.executable).parent / "epd")
 SHM_PREFIX = f"epd-test-encproc-{os.getpid()}-"
-
-
-def wait_serving(proc: subprocess.Popen[str], lines: list[str], timeout: float = 60.0) -> int:
-    """Read the log until SERVING; returns the gRPC port (the process was started on port 0)."""
-    end = time.monotonic() + timeout
-    port = None
-    while time.monotonic() < end:
-        line = proc.stderr.readline() if proc.stderr else ""
-        if not line:
-            raise AssertionError(f"encoder exited early:\n{''.join(lines)}")
-        lines.append(line)
-        if m := re.search(r"gRPC listening on [\d.]+:(\d+)", line):
-            port = int(m.group(1))
-        if "SERVING" in line and port is not None:
-            return port
-    raise AssertionError(f"encoder not SERVING after {timeout} s:\n{''.join(lines)}")
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
@@ -48,9 +29,6 @@ def test_sigterm_finishes_in_flight_requests_before_exiting(tiny_model, png, tra
     lines: list[str] = []
     try:
         port = wait_serving(proc, lines)
-        # The rest of the log is drained by a thread so the process never blocks on its pipe.
-        drain = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
-        drain.start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, Consumer() as consumer:
             stub = encoder_pb2_grpc.EncoderStub(channel)
 

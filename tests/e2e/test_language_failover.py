@@ -4,39 +4,26 @@ so no user sees the failure (before its health checks notice it)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import openai
 
 from services.gateway.__main__ import GatewayConfig, start
+from tests.e2e.serving import EPD, wait_serving
 
-EPD = str(Path(sys.executable).parent / "epd")
 
-
-def start_language(model: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
+def start_language(model: Path) -> tuple[subprocess.Popen[str], str]:
     cmd = [EPD, "language", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
            "--kv-cache-bytes", str(16 << 20)]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    port = None
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        line = proc.stderr.readline() if proc.stderr else ""
-        if not line:
-            raise AssertionError(f"language exited early:\n{''.join(lines)}")
-        lines.append(line)
-        if m := re.search(r"gRPC listening on [\d.]+:(\d+)", line):
-            port = int(m.group(1))
-        if "SERVING" in line and port is not None:
-            threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True).start()
-            return proc, f"127.0.0.1:{port}", lines
-    raise AssertionError(f"language not SERVING:\n{''.join(lines)}")
+    try:
+        return proc, f"127.0.0.1:{wait_serving(proc, [], timeout=120)}"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def test_requests_move_off_a_dead_language_replica(tiny_model: Path) -> None:
@@ -44,7 +31,7 @@ def test_requests_move_off_a_dead_language_replica(tiny_model: Path) -> None:
     try:
         for _ in range(2):
             procs.append(start_language(tiny_model))
-        (dead, dead_addr, _), (_, live_addr, _) = procs
+        (dead, dead_addr), (_, live_addr) = procs
         # Health checks every 60 s: the gateway cannot learn of the death that way in time.
         cfg = GatewayConfig(model=str(tiny_model), encoders=(), language=(dead_addr, live_addr),
                             host="127.0.0.1", http_port=0, grpc_port=0, refresh_s=60.0)  # fmt: skip
@@ -81,7 +68,7 @@ def test_requests_move_off_a_dead_language_replica(tiny_model: Path) -> None:
         assert retried == 1  # moved once; the dead replica is marked down after that
         assert all(r in ("stop", "length") for r in reasons)
     finally:
-        for proc, _, _ in procs:
+        for proc, _ in procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()

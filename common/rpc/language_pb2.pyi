@@ -152,16 +152,18 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoReply(_message.Message):
-    __slots__ = ("model_type", "max_context_tokens", "host_id", "block_size")
+    __slots__ = ("model_type", "max_model_len", "host_id", "block_size", "vocab_size")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
-    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_type: str
-    max_context_tokens: int
+    max_model_len: int
     host_id: str
     block_size: int
-    def __init__(self, model_type: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., host_id: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
+    vocab_size: int
+    def __init__(self, model_type: _Optional[str] = ..., max_model_len: _Optional[int] = ..., host_id: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

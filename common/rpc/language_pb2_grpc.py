@@ -56,11 +56,18 @@ class LanguageServicer:
 
     def Generate(self, request, context):
         """Generates tokens for one request. The stream carries one or more `tokens` messages and ends
-        with exactly one `finished` message. Errors before the first message:
-        INVALID_ARGUMENT   bad prompt ids, sampling values, or images that disagree with the prompt
-        RESOURCE_EXHAUSTED too many requests are waiting
-        UNAVAILABLE        an image could not be pulled from its encoder (the reason is given)
-        DEADLINE_EXCEEDED  an image pull did not finish within the deadline
+        with exactly one `finished` message. Every error this service raises carries the trailing
+        metadata key `epd-cause` (see `common/contract/faults.py`), so callers blame the right role:
+        cause "request"  INVALID_ARGUMENT: bad prompt ids, sampling values, images that disagree
+        with the prompt, or a prompt + max_tokens beyond max_model_len
+        cause "image"    an image could not be pulled; the code is the transfer error's own
+        (UNAVAILABLE: its encoder is gone; NOT_FOUND: unknown or released handle;
+        FAILED_PRECONDITION: lease expired; DEADLINE_EXCEEDED: pull too slow),
+        with `epd-image-index`, `epd-producer` and `epd-transfer-reason`. The
+        replica is healthy: encode the image again and retry here.
+        cause "replica"  UNAVAILABLE: still loading or shutting down; RESOURCE_EXHAUSTED: the
+        queue or its image-byte budget is full (checked before any image is pulled)
+        A status without `epd-cause` did not come from this service (e.g. the connection failed).
         Cancelling the call aborts the request and frees its KV cache at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -28,6 +28,19 @@ def spec_of(handle: tensor_pb2.TensorHandle) -> tuple[torch.dtype, tuple[int, ..
     return dtype, shape
 
 
+def producer_of(handle: tensor_pb2.TensorHandle) -> str:
+    """Where a handle's bytes are, for errors and logs: the TensorStore address, the NIXL agent,
+    or the shared-memory segment and host."""
+    kind = handle.WhichOneof("location")
+    if kind == "grpc":
+        return handle.grpc.address
+    if kind == "nixl":
+        return f"nixl agent {handle.nixl.agent_name}"
+    if kind == "shm":
+        return f"shm {handle.shm.segment} on {handle.shm.host_id}"
+    return "unknown"
+
+
 def expired(handle: tensor_pb2.TensorHandle) -> bool:
     return time.time() * 1000 >= handle.expiry_unix_ms
 

@@ -11,16 +11,20 @@ import socket
 import time
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
 from common.config import ModelConfig
+from common.contract import PreprocessConfig
+from common.contract.images import add_image_limit_arguments, image_limits_from_args
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
+from common.lifecycle import serve_service, start_service, stop_service
 from common.rpc import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from common.torch_thread import run_on_torch_thread
 from common.transfer import Producer, TransferConfig
 from common.transfer.config import BACKEND_CHOICES
 from services.encoder.encoder import MIB, Encoder, EncoderConfig
 from services.encoder.metrics import EncoderMetrics
-from services.encoder.preprocess import DEFAULT_MAX_INPUT_PIXELS, PreprocessConfig
 from services.encoder.servicer import EncoderServicer
 from services.encoder.weights import load_vision_tower
 
@@ -37,8 +41,6 @@ class EncoderServiceConfig:
     encoder: EncoderConfig
     dtype: str = "float32"
     device: str = "cpu"
-    # Decoding refuses images with more pixels than this (before allocating them).
-    max_image_pixels: int = DEFAULT_MAX_INPUT_PIXELS
     # Host put in gRPC-backend handles ("host:port" of our TensorStore); None = the listen host,
     # or this machine's hostname when listening on all interfaces.
     advertise_host: str | None = None
@@ -50,6 +52,7 @@ class EncoderServiceConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Qwen3-VL(-MoE) checkpoint directory")
     add_server_arguments(parser, DEFAULT_PORT)
+    add_image_limit_arguments(parser)
     d = EncoderConfig()
     g = parser.add_argument_group("encoder")
     g.add_argument(
@@ -82,19 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=d.max_queue_images,
         help="images waiting beyond which calls get RESOURCE_EXHAUSTED",
-    )
-    g.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
-    g.add_argument(
-        "--max-image-bytes",
-        type=int,
-        default=d.max_image_bytes,
-        help="encoded bytes per image at most",
-    )
-    g.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULT_MAX_INPUT_PIXELS,
-        help="decoded pixels per image at most (checked before decoding)",
     )
     g.add_argument(
         "--max-request-bytes",
@@ -161,21 +151,14 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
             max_batch_images=args.max_batch_images,
             max_wait_s=args.max_wait_ms / 1000,
             max_queue_images=args.max_queue_images,
-            max_images_per_request=args.max_images_per_request,
-            max_image_bytes=args.max_image_bytes,
+            limits=image_limits_from_args(args),
             cache_bytes=args.cache_bytes,
             preprocess_threads=args.preprocess_threads,
         ),
         dtype=args.dtype,
         device=args.device,
-        max_image_pixels=args.max_image_pixels,
         advertise_host=args.advertise_host,
     )
-
-
-def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(args)))
-    return 0
 
 
 @dataclass
@@ -205,7 +188,8 @@ class EncoderService:
             cfg.device,
         )
         log.info("vision tower loaded in %.2f s", time.perf_counter() - started)
-        pre = PreprocessConfig.from_dir(cfg.model, max_input_pixels=cfg.max_image_pixels)
+        pixels = cfg.encoder.limits.max_image_pixels
+        pre = PreprocessConfig.from_dir(cfg.model, max_input_pixels=pixels)
         encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device)
         await encoder.start()
         self.encoder = encoder
@@ -214,15 +198,17 @@ class EncoderService:
         await self.server.set_serving()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain and stop at once (no hand-off period): for tests and embedding."""
-        await self.server.stop(grace)
-        await self.close()
+        """Stop at once (no drain, no hand-off period): for tests and embedding."""
+        await stop_service(self, grace)
 
-    async def drain(self) -> None:
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    async def drain(self, grace: float) -> None:
         """SIGTERM, before the server stops: refuse new Encode calls, let the running ones
         answer, then keep TensorStore up while consumers pull and acknowledge what was
         published (every transport: gRPC-transport consumers need the server itself)."""
-        grace = self.cfg.server.grace_s
         if not await self.servicer.drain(grace):
             log.warning("Encode calls still running after %.0f s; stopping anyway", grace)
         end = time.monotonic() + self.cfg.handoff_s
@@ -239,8 +225,9 @@ class EncoderService:
         self.producer.close()
 
 
-async def create(cfg: EncoderServiceConfig) -> EncoderService:
-    """Listen with health NOT_SERVING (Encode answers UNAVAILABLE until `load`)."""
+def create(cfg: EncoderServiceConfig) -> EncoderService:
+    """The role, not yet listening (`start_service` listens with health NOT_SERVING; Encode
+    answers UNAVAILABLE until `load` is done)."""
     names = [
         encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name,
         tensor_pb2.DESCRIPTOR.services_by_name["TensorStore"].full_name,
@@ -250,28 +237,19 @@ async def create(cfg: EncoderServiceConfig) -> EncoderService:
     if host in _ALL_INTERFACES:
         host = socket.gethostname()
     producer = Producer(cfg.transfer, store_address=f"{host}:{server.port}")
-    try:
-        metrics = EncoderMetrics()
-        servicer = EncoderServicer(None)
-        encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server.server)
-        producer.servicer().add_to_server(server.server)
-        await server.start(metrics.registry)
-    except BaseException:
-        producer.close()
-        raise
-    return EncoderService(cfg, server, servicer, producer, metrics)
+    servicer = EncoderServicer(None)
+    encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server.server)
+    producer.servicer().add_to_server(server.server)
+    return EncoderService(cfg, server, servicer, producer, EncoderMetrics())
 
 
 async def start(cfg: EncoderServiceConfig) -> EncoderService:
-    service = await create(cfg)
-    try:
-        await service.load()
-    except BaseException:
-        await service.stop(0)
-        raise
+    service = create(cfg)
+    await start_service(service)
     return service
 
 
-async def serve(cfg: EncoderServiceConfig) -> None:
-    service = await start(cfg)
-    await service.server.serve_until_signal(service.close, drain=service.drain)
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    asyncio.run(serve_service(lambda: create(cfg)))
+    return 0

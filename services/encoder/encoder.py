@@ -27,17 +27,18 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from common.contract import ImageLimits, PreprocessConfig, image_token_count
 from common.rpc import tensor_pb2
 from common.transfer import PoolExhaustedError, Producer
 from services.encoder.batcher import Batcher, Dropped
 from services.encoder.cache import CachedImage, Grid, Pending, TensorCache
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import VisionTower
-from services.encoder.preprocess import PreprocessConfig, preprocess
+from services.encoder.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,21 @@ class EncoderConfig:
     max_wait_s: float = 0.005
     # Images accepted and not yet answered, beyond which calls get EncoderBusy.
     max_queue_images: int = 256
-    max_images_per_request: int = 16
-    max_image_bytes: int = 20 * MIB
+    # What one Encode call may carry (the gateway checks the same limits first).
+    limits: ImageLimits = field(default_factory=ImageLimits)
     # Bytes of wire tensors the output cache keeps (CPU memory); 0 = no cache.
     cache_bytes: int = 256 * MIB
     preprocess_threads: int = 2
 
     def __post_init__(self) -> None:
         positive = ("max_batch_patches", "max_batch_images", "max_queue_images",
-                    "max_images_per_request", "max_image_bytes", "preprocess_threads")  # fmt: skip
+                    "preprocess_threads")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_wait_s < 0 or self.cache_bytes < 0:
             raise ValueError("max_wait_s and cache_bytes must be >= 0")
-        if self.max_images_per_request > self.max_queue_images:
+        if self.limits.max_images_per_request > self.max_queue_images:
             raise ValueError("max_images_per_request cannot exceed max_queue_images")
 
 
@@ -187,26 +188,26 @@ class Encoder:
             self._admitted -= n
             self.metrics.queue_depth.set(self._admitted)
         self.metrics.request_seconds.observe(time.perf_counter() - started)
-        merge2 = self.tower.cfg.spatial_merge_size**2
+        merge = self.tower.cfg.spatial_merge_size
         return [
-            EncodedImage(h, e.grid_thw, e.grid_thw[0] * e.grid_thw[1] * e.grid_thw[2] // merge2,
+            EncodedImage(h, e.grid_thw, image_token_count(e.grid_thw, merge),
                          digest, hit, 0.0 if hit else e.preprocess_s, 0.0 if hit else e.forward_s)
             for h, (e, digest, hit) in zip(handles, entries, strict=True)
         ]  # fmt: skip
 
     def _check_request(self, images: Sequence[bytes]) -> None:
-        cfg = self.cfg
+        limits = self.cfg.limits
         if not images:
             raise ValueError("the request has no images")
-        if len(images) > cfg.max_images_per_request:
+        if len(images) > limits.max_images_per_request:
             raise ValueError(
                 f"the request has {len(images)} images, more than the limit "
-                f"{cfg.max_images_per_request}"
+                f"{limits.max_images_per_request}"
             )
         for i, data in enumerate(images):
-            if len(data) > cfg.max_image_bytes:
+            if len(data) > limits.max_image_bytes:
                 self.metrics.rejected.labels("too_large").inc()
-                raise ImageError(i, f"{len(data)} bytes, over the limit {cfg.max_image_bytes}")
+                raise ImageError(i, f"{len(data)} bytes, over the limit {limits.max_image_bytes}")
 
     async def _entries(
         self, images: Sequence[bytes], deadline: float | None

@@ -5,86 +5,21 @@ Steps (Qwen2-VL/Qwen3-VL image processor, PIL backend): decode (first frame), co
 compositing transparency onto white, smart-resize to multiples of patch*merge within
 [min_pixels, max_pixels] with bicubic resampling, rescale by 1/255 in float64 then float32,
 normalise, then patchify: rows in 2x2 merge-block order, each row flattened as (C, T, P, P) with
-the still image repeated over T.
+the still image repeated over T. The settings and the resize arithmetic are the shared contract's
+(`common.contract.images`), so the gateway predicts the same token counts.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import math
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-# Decoding refuses images above this many pixels before allocating them (decompression bombs).
-DEFAULT_MAX_INPUT_PIXELS = 64 * 1024 * 1024
-MAX_ASPECT_RATIO = 200
-
-
-@dataclass(frozen=True, slots=True)
-class PreprocessConfig:
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    min_pixels: int = 65536
-    max_pixels: int = 16777216
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255
-    resample: int = 3  # PIL bicubic
-    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    @property
-    def cache_key(self) -> str:
-        """Everything that changes the output for given bytes (for encoder-cache keys)."""
-        return json.dumps(
-            [self.patch_size, self.temporal_patch_size, self.merge_size, self.min_pixels,
-             self.max_pixels, self.image_mean, self.image_std, self.rescale_factor, self.resample]
-        )  # fmt: skip
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], **overrides: Any) -> PreprocessConfig:
-        size = d.get("size") or {}
-        values = dict(
-            patch_size=int(d.get("patch_size", 16)),
-            temporal_patch_size=int(d.get("temporal_patch_size", 2)),
-            merge_size=int(d.get("merge_size", 2)),
-            min_pixels=int(d.get("min_pixels") or size.get("shortest_edge") or 65536),
-            max_pixels=int(d.get("max_pixels") or size.get("longest_edge") or 16777216),
-            image_mean=tuple(float(x) for x in d.get("image_mean", (0.5, 0.5, 0.5))),
-            image_std=tuple(float(x) for x in d.get("image_std", (0.5, 0.5, 0.5))),
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            resample=int(d.get("resample", 3)),
-        )
-        values.update(overrides)
-        cfg = cls(**values)  # type: ignore[arg-type]
-        if cfg.min_pixels > cfg.max_pixels:
-            raise ValueError(f"min_pixels {cfg.min_pixels} > max_pixels {cfg.max_pixels}")
-        return cfg
-
-    @classmethod
-    def from_dir(cls, model_dir: str | Path, **overrides: Any) -> PreprocessConfig:
-        """`preprocessor_config.json`, or the `image_processor` part of `processor_config.json`."""
-        d = Path(model_dir)
-        if (d / "preprocessor_config.json").is_file():
-            return cls.from_hf(
-                json.loads((d / "preprocessor_config.json").read_text()), **overrides
-            )
-        if (d / "processor_config.json").is_file():
-            data = json.loads((d / "processor_config.json").read_text())
-            return cls.from_hf(data.get("image_processor", data), **overrides)
-        raise ValueError(f"{model_dir}: no preprocessor_config.json or processor_config.json")
+from common.contract.images import PreprocessConfig, image_token_count, smart_resize
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,27 +28,7 @@ class ProcessedImage:
     grid_thw: tuple[int, int, int]  # in patches
 
     def num_tokens(self, merge: int) -> int:
-        t, h, w = self.grid_thw
-        return t * h * w // (merge * merge)
-
-
-def smart_resize(height: int, width: int, cfg: PreprocessConfig) -> tuple[int, int]:
-    """Target (height, width): multiples of patch*merge, pixel count within the bounds."""
-    if min(height, width) <= 0:
-        raise ValueError(f"image has zero size ({width}x{height})")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(f"image aspect ratio {ratio:.1f} exceeds {MAX_ASPECT_RATIO}")
-    f = cfg.factor
-    h_bar, w_bar = round(height / f) * f, round(width / f) * f
-    if h_bar * w_bar > cfg.max_pixels:
-        beta = math.sqrt(height * width / cfg.max_pixels)
-        h_bar = max(f, math.floor(height / beta / f) * f)
-        w_bar = max(f, math.floor(width / beta / f) * f)
-    elif h_bar * w_bar < cfg.min_pixels:
-        beta = math.sqrt(cfg.min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
-    return h_bar, w_bar
+        return image_token_count(self.grid_thw, merge)
 
 
 def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:

@@ -3,8 +3,8 @@
 Every role serves the same way:
 
 - `grpc.health.v1` reports NOT_SERVING until the role has loaded its weights and run a warm-up,
-  then SERVING; on SIGTERM it flips back to NOT_SERVING (load balancers stop routing), new calls
-  are refused and in-flight ones get `grace_s` to finish before the process exits;
+  then SERVING; on SIGTERM it flips back to NOT_SERVING (load balancers stop routing) and the
+  role drains (`common.lifecycle`: one lifecycle for every role);
 - server reflection, so grpcurl-style tools discover the API;
 - `grpc.max_connection_age_ms`, so clients reconnect now and then and DNS-based load balancing
   picks up new replicas;
@@ -16,10 +16,8 @@ Every role serves the same way:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,10 +53,6 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("tls_ca needs tls_cert and tls_key")
-
-
-# What a service's own drain left running (a stuck call, a tensor stream) gets this long more.
-_AFTER_DRAIN_GRACE_S = 2.0
 
 
 class GrpcServer:
@@ -116,34 +110,6 @@ class GrpcServer:
             self._httpd.server_close()
             self._httpd = None
 
-    async def serve_until_signal(
-        self,
-        on_stop: Callable[[], Awaitable[None]] | None = None,
-        drain: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        """Block until SIGTERM/SIGINT, then drain and stop; `on_stop` runs after the drain.
-
-        `drain`, if given, runs first with health NOT_SERVING and the server still accepting
-        calls: a service whose own RPCs must outlive its main one (the encoder's TensorStore,
-        while consumers pull what Encode published) refuses new work itself and returns when
-        what is left may be cut off by the server's stop.
-        """
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("signal received: draining for up to %.0f s", self.cfg.grace_s)
-        if drain is None:
-            await self.stop()
-        else:
-            await self.health.enter_graceful_shutdown()
-            await drain()
-            await self.stop(_AFTER_DRAIN_GRACE_S)
-        if on_stop is not None:
-            await on_stop()
-        log.info("stopped")
-
     async def _set_all(self, status: int) -> None:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
@@ -159,11 +125,17 @@ def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
-def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
-    """The flags every role shares (named as vLLM's where the meaning is the same)."""
+def add_server_arguments(
+    parser: argparse.ArgumentParser,
+    default_port: int,
+    port_flags: tuple[str, ...] = ("--port",),
+    port_help: str = "gRPC port (0 = any free)",
+) -> None:
+    """The flags every role shares (named as vLLM's where the meaning is the same). The gateway
+    passes its HTTP port's flags (`--port`, as vLLM's, and `--http-port`)."""
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=ServerConfig.host, help="address to listen on")
-    g.add_argument("--port", type=int, default=default_port, help="gRPC port (0 = any free)")
+    g.add_argument(*port_flags, dest="port", type=int, default=default_port, help=port_help)
     g.add_argument(
         "--metrics-port",
         type=int,

@@ -1,8 +1,15 @@
-"""gRPC `Language` servicer: translates proto <-> engine calls; pulls image handles first.
+"""gRPC `Language` servicer: converts the wire once, pulls the images, delegates to the engine.
 
-Image pulls run concurrently through the transfer layer, off the engine loop, each bounded by the
-call's deadline (and the configured pull timeout). Transfer errors end the call with UNAVAILABLE
-or DEADLINE_EXCEEDED and the reason; nothing reaches the engine for that request.
+In order, for one Generate call:
+1. the request is converted (`common.contract.wire`) and checked against this replica's limits
+   (`check_prompt`): cause `request`, INVALID_ARGUMENT;
+2. a waiting slot and the image bytes are reserved in the engine before anything is pulled:
+   cause `replica`, RESOURCE_EXHAUSTED when there is no room;
+3. every handle is pulled concurrently in worker threads, each bounded by the call's deadline
+   (and the pull timeout), and its identity digest computed there: a failure answers with the
+   transfer error's own code, cause `image`, naming the image and its producer, so that the
+   caller re-encodes the image instead of blaming this replica;
+4. the engine streams tokens.
 """
 
 from __future__ import annotations
@@ -10,82 +17,90 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-import torch
 
+from common.contract import (
+    Cause,
+    ContractError,
+    Fault,
+    ImageRef,
+    PromptLimits,
+    ReplicaInfo,
+    check_prompt,
+)
+from common.contract.wire import (
+    finish_to_proto,
+    image_ref_from_proto,
+    replica_info_to_proto,
+    sampling_from_proto,
+)
 from common.rpc import language_pb2, language_pb2_grpc
-from common.transfer import Consumer, TransferError, TransferTimeoutError, host_id
+from common.transfer import Consumer, TransferError
+from common.transfer.handle import producer_of
 from services.language.engine.engine import Engine, ImageInput, TokenEvent
-from services.language.engine.request import SamplingParams
 from services.language.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
-FINISH = {
-    "stop": language_pb2.FINISH_REASON_STOP,
-    "length": language_pb2.FINISH_REASON_LENGTH,
-    "abort": language_pb2.FINISH_REASON_ABORT,
-    "error": language_pb2.FINISH_REASON_ERROR,
-}
-
-
-def sampling_from_proto(p: language_pb2.SamplingParams) -> SamplingParams:
-    """Raises ValueError naming the field for nonsensical values."""
-    return SamplingParams(
-        max_tokens=p.max_tokens,
-        temperature=p.temperature,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        seed=p.seed if p.HasField("seed") else None,
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        min_tokens=p.min_tokens,
-        logprobs=p.logprobs if p.HasField("logprobs") else None,
-    )
+_LOADING = Fault(Cause.REPLICA, grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+_DRAINING = Fault(
+    Cause.REPLICA, grpc.StatusCode.UNAVAILABLE, "this language replica is shutting down"
+)
 
 
 class LanguageServicer(language_pb2_grpc.LanguageServicer):
     def __init__(
-        self, engine: Engine | None, consumer: Consumer, pull_timeout_s: float = 30.0
-    ) -> None:
+        self, engine: Engine | None, consumer: Consumer, info: ReplicaInfo | None = None,
+        pull_timeout_s: float = 30.0,
+    ) -> None:  # fmt: skip
         self.engine = engine  # None while the model loads
+        self.info = info
         self.consumer = consumer
         self.pull_timeout_s = pull_timeout_s
+        self.draining = False  # set by the service's drain: new calls are refused
 
     async def Generate(
         self, request: language_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[language_pb2.GenerateResponse]:
         engine = self.engine
         if engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            await _LOADING.abort(context)
+        if self.draining:
+            await _DRAINING.abort(context)
         assert engine is not None
+        cfg = engine.cfg
+        merge = cfg.vision.spatial_merge_size if cfg.vision else 2
+        limits = PromptLimits(cfg.text.vocab_size, engine.max_model_len, cfg.image_token_id, merge)
+        prompt = list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)
-            prompt = list(request.prompt_token_ids)
-            engine.validate(prompt)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        started = time.monotonic()
-        images = await self._pull(request, context)
-        pull_s = time.monotonic() - started
+            refs = [image_ref_from_proto(m, merge, i) for i, m in enumerate(request.images)]
+            spans = check_prompt(prompt, [r.n_tokens for r in refs], params, limits)
+        except ContractError as e:
+            await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
         try:
-            stream = engine.generate(prompt, params, images, request.request_id or None)
-            async for event in stream:
+            reservation = engine.reserve(sum(r.handle.nbytes for r in refs))
+        except QueueFull as e:
+            fault = Fault(Cause.REPLICA, grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {e}")
+            await fault.abort(context)
+        started = time.monotonic()
+        try:
+            images = await self._pull(refs, context, engine, deadline=self._deadline(context))
+        except BaseException:
+            reservation.release()
+            raise
+        pull_s = time.monotonic() - started
+        rid = request.request_id or None
+        try:
+            async for event in engine.generate(prompt, params, images, rid, reservation, spans):
                 if event.sample is not None:
                     yield language_pb2.GenerateResponse(tokens=_tokens(event))
                 if event.finish_reason is not None:
                     yield language_pb2.GenerateResponse(finished=_finished(event, pull_s))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except QueueFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"language service busy: {e}")
+        except ValueError as e:  # the request id is already running here
+            await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
 
     async def Abort(
         self, request: language_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -99,56 +114,55 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
     async def GetInfo(
         self, request: language_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> language_pb2.GetInfoReply:
-        engine = self.engine
-        if engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        assert engine is not None
-        return language_pb2.GetInfoReply(
-            model_type=engine.cfg.model_type,
-            max_context_tokens=engine.cfg.text.max_position_embeddings,
-            host_id=host_id(),
-            block_size=engine.runner.block_size,
-        )
+        if self.engine is None or self.info is None:
+            await _LOADING.abort(context)
+        assert self.info is not None
+        return replica_info_to_proto(self.info)
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        budget = self.pull_timeout_s if remaining is None else min(remaining, self.pull_timeout_s)
+        return time.monotonic() + budget
 
     async def _pull(
         self,
-        request: language_pb2.GenerateRequest,
+        refs: list[ImageRef],
         context: grpc.aio.ServicerContext,
+        engine: Engine,
+        deadline: float,
     ) -> list[ImageInput]:
-        if not request.images:
-            return []
-        remaining = context.time_remaining()
-        budget = self.pull_timeout_s if remaining is None else min(remaining, self.pull_timeout_s)
-        deadline = time.monotonic() + budget
-        pulls = [self.consumer.fetch_async(img.handle, deadline=deadline) for img in request.images]
-        results = await asyncio.gather(*pulls, return_exceptions=True)
-        for i, r in enumerate(results):
-            if isinstance(r, TransferTimeoutError):
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"image {i}: {r}")
+        """Every image's tensor, pulled concurrently; aborts the call with an image fault."""
+
+        def pull(ref: ImageRef) -> ImageInput:
+            return ImageInput.of(self.consumer.fetch(ref.handle, deadline=deadline), ref.grid)
+
+        results = await asyncio.gather(*(asyncio.to_thread(pull, r) for r in refs),
+                                       return_exceptions=True)  # fmt: skip
+        width = (1 + engine.cfg.num_deepstack) * engine.cfg.text.hidden_size
+        images: list[ImageInput] = []
+        for i, (ref, r) in enumerate(zip(refs, results, strict=True)):
+            producer = producer_of(ref.handle)
             if isinstance(r, TransferError):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"image {i}: {r}")
+                message = f"image {i}: cannot pull its tensor from {producer}: {r}"
+                await Fault(Cause.IMAGE, r.code, message, i, producer, r.reason).abort(context)
             if isinstance(r, BaseException):
                 raise r
-        images = []
-        for i, (img, tensor) in enumerate(zip(request.images, results, strict=True)):
-            assert isinstance(tensor, torch.Tensor)
-            g = img.grid_thw
-            if not tensor.is_floating_point() or tensor.ndim != 2:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"image {i}: expected a 2-D float tensor, got {tensor.dtype} "
-                    f"{tuple(tensor.shape)}",
+            t = r.tensor
+            if not t.is_floating_point() or tuple(t.shape) != (ref.n_tokens, width):
+                message = (
+                    f"image {i}: its tensor from {producer} is {t.dtype} "
+                    f"{tuple(t.shape)}; expected a float tensor [{ref.n_tokens}, {width}]"
                 )
-            # Without a content hash the image must never share prefix-cache blocks.
-            content = img.image_hash or f"unhashed-{uuid.uuid4().hex}"
-            images.append(ImageInput(tensor, (g.t, g.h, g.w), content))
+                await Fault(Cause.IMAGE, grpc.StatusCode.INVALID_ARGUMENT, message, i, producer,
+                            "bad_tensor").abort(context)  # fmt: skip
+            images.append(r)
         return images
 
 
 def _finished(event: TokenEvent, pull_s: float) -> language_pb2.Finished:
     assert event.finish_reason is not None
     msg = language_pb2.Finished(
-        reason=FINISH[event.finish_reason],
+        reason=finish_to_proto(event.finish_reason),
         timings=language_pb2.Timings(
             pull_seconds=pull_s, prefill_seconds=event.prefill_s, decode_seconds=event.decode_s
         ),

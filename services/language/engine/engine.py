@@ -1,31 +1,40 @@
 """The asyncio engine loop: schedule -> forward (on the torch thread) -> sample -> stream.
 
-`generate()` validates and admits one request and yields its tokens as they come. The forward
-runs on the process's one torch thread (`common.torch_thread`, where the weights were loaded),
-so the event loop (gRPC, transfers) stays responsive and OpenMP keeps one team; all
-scheduler state is touched only on the event loop, between steps. Aborts requested while a step
-runs take effect right after it, so a request's blocks are never freed under a running forward.
+`generate()` admits one request and yields its tokens as they come. Its inputs are trusted: the
+boundary in front of the engine (the language servicer, or the colocated pipeline that builds
+them itself) has checked them against the shared contract (`common.contract`). The forward runs on
+the process's one torch thread (`common.torch_thread`, where the weights were loaded), so the
+event loop (gRPC, transfers) stays responsive and OpenMP keeps one team; all scheduler state is
+touched only on the event loop, between steps. Aborts requested while a step runs take effect
+right after it, so a request's blocks are never freed under a running forward.
+
+Admission is bounded twice, and both bounds are checked by `reserve` before a caller pulls a
+request's images: the waiting queue (`max_waiting`) and the bytes of image tensors the engine
+holds for requests not yet finished (`max_image_bytes`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from common.config import ModelConfig
+from common.contract import FinishReason, SamplingParams, image_pad_runs
 from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.model_runner import ModelRunner
-from services.language.engine.request import ImageSpan, Request, SamplingParams
+from services.language.engine.request import ImageSpan, Request
 from services.language.engine.sampler import Sample
-from services.language.engine.scheduler import Scheduler, SchedulerConfig
+from services.language.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from services.language.inputs import image_identity
 from services.language.metrics import LanguageMetrics
 
 log = logging.getLogger(__name__)
@@ -33,11 +42,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ImageInput:
-    """One image of a request, already pulled: its wire tensor, grid and content hash."""
+    """One image of a request, already pulled: its wire tensor, grid and identity."""
 
     tensor: torch.Tensor  # [n_tokens, (1 + D) * H]
     grid_thw: tuple[int, int, int]
-    content_hash: str
+    identity: bytes  # image_identity(tensor, grid): what the prefix cache keys it by
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, grid_thw: Sequence[int]) -> ImageInput:
+        grid = (int(grid_thw[0]), int(grid_thw[1]), int(grid_thw[2]))
+        return cls(tensor, grid, image_identity(tensor, grid))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +66,31 @@ class TokenEvent:
     """A new token, and on the last event the finish reason and usage."""
 
     sample: Sample | None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     usage: Usage | None = None
     prefill_s: float = 0.0  # on the last event: admission to first token (queueing included)
     decode_s: float = 0.0  # on the last event: first token to last
+
+
+class Reservation:
+    """A place in the waiting queue and `image_bytes` of the image budget, held from before a
+    request's images are pulled until the request finishes (or `release`)."""
+
+    def __init__(self, engine: Engine, image_bytes: int) -> None:
+        self.engine, self.image_bytes = engine, image_bytes
+        self.queued = True  # still counts as a waiting slot (until the scheduler has it)
+        self.released = False
+
+    def leave_queue(self) -> None:
+        if self.queued:
+            self.queued = False
+            self.engine._reserved_slots -= 1
+
+    def release(self) -> None:
+        if not self.released:
+            self.leave_queue()
+            self.released = True
+            self.engine._held_image_bytes -= self.image_bytes
 
 
 class Engine:
@@ -66,20 +101,37 @@ class Engine:
         sched_cfg: SchedulerConfig,
         eos_token_ids: frozenset[int] = frozenset(),
         metrics: LanguageMetrics | None = None,
+        max_model_len: int | None = None,
+        max_image_bytes: int = 2 << 30,
     ) -> None:
+        """`max_model_len`: tokens one sequence may hold (default: the checkpoint's context,
+        capped by what the KV cache holds); `max_image_bytes`: image tensor bytes held at once."""
         self.cfg, self.runner = cfg, runner
+        self.max_model_len = max_model_len or min(
+            cfg.text.max_position_embeddings, runner.capacity_tokens
+        )
+        if self.max_model_len > runner.capacity_tokens:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the KV cache ({runner.capacity_tokens}"
+                " tokens)"
+            )
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, cfg.image_token_id)
         self.scheduler = Scheduler(sched_cfg, self.blocks)
         self.eos_token_ids = eos_token_ids
         self.metrics = metrics or LanguageMetrics()
+        self.max_image_bytes = max_image_bytes
+        self._reserved_slots = 0
+        self._held_image_bytes = 0
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._reservations: dict[str, Reservation] = {}
         self._aborts: set[str] = set()
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self._seen = (0, 0)  # prefix-hit tokens and preemptions already counted in metrics
 
     async def start(self) -> None:
+        self._wake = asyncio.Event()  # bound to the loop that runs the engine
         self._task = asyncio.create_task(self._loop(), name="epd-engine-loop")
 
     async def stop(self) -> None:
@@ -87,6 +139,7 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
         await wait_torch_thread_idle()  # no forward of ours is left in flight
 
     @property
@@ -97,48 +150,74 @@ class Engine:
     def running_ids(self) -> set[str]:
         return set(self._streams)
 
-    def validate(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt_ids: the prompt is empty")
-        limit = self.cfg.text.max_position_embeddings
-        if len(prompt_ids) >= limit:
-            raise ValueError(f"prompt_ids: {len(prompt_ids)} tokens exceed the context ({limit})")
-        vocab = self.cfg.text.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"prompt_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+    @property
+    def held_image_bytes(self) -> int:
+        return self._held_image_bytes
+
+    def reserve(self, image_bytes: int = 0) -> Reservation:
+        """Claim a waiting slot and `image_bytes` of the image budget before pulling a request's
+        images; raises QueueFull (saying which bound) when there is no room."""
+        waiting = len(self.scheduler.waiting) + self._reserved_slots
+        if waiting >= self.scheduler.cfg.max_waiting:
+            raise QueueFull(f"{waiting} requests already waiting")
+        if self._held_image_bytes and self._held_image_bytes + image_bytes > self.max_image_bytes:
+            raise QueueFull(
+                f"{self._held_image_bytes} bytes of image tensors already held "
+                f"(--max-image-bytes-held {self.max_image_bytes})"
             )
+        self._reserved_slots += 1
+        self._held_image_bytes += image_bytes
+        return Reservation(self, image_bytes)
 
     async def generate(
         self,
         prompt_ids: list[int],
         params: SamplingParams,
-        images: list[ImageInput] | None = None,
+        images: Sequence[ImageInput] = (),
         request_id: str | None = None,
+        reservation: Reservation | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        """Admit a request and stream its tokens. Raises ValueError for bad input and
-        `scheduler.QueueFull` when too many requests wait. Closing the iterator aborts it."""
-        self.validate(prompt_ids)
-        images = images or []
+        """Admit a request and stream its tokens; closing the iterator aborts it.
+
+        Trusted inputs: prompt ids in the vocabulary, prompt + max_tokens within max_model_len,
+        `spans` the (start, length) of each image's pad run (from `image_pad_runs`; found here
+        when not given). `params.max_tokens=None` takes all the room the context leaves."""
+        if reservation is None:
+            reservation = self.reserve(sum(i.tensor.nbytes for i in images))
         rid = request_id or f"req-{next(self._ids)}"
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already running")
-        req = Request(
-            id=rid,
-            prompt_ids=list(prompt_ids),
-            params=params,
-            images=self._spans(prompt_ids, images),
-            eos_token_ids=self.eos_token_ids,
-            arrival=time.monotonic(),
-        )
-        await run_on_torch_thread(
-            self.runner.prepare, req, [i.tensor for i in images], [i.grid_thw for i in images]
-        )
-        self.scheduler.add(req)
+        try:
+            if rid in self._streams:
+                raise ValueError(f"request id {rid!r} is already running")
+            if params.max_tokens is None:
+                params = dataclasses.replace(
+                    params, max_tokens=self.max_model_len - len(prompt_ids)
+                )
+            if spans is None:
+                counts = [i.tensor.shape[0] for i in images]
+                spans = image_pad_runs(prompt_ids, self.cfg.image_token_id, counts)
+            req = Request(
+                id=rid,
+                prompt_ids=list(prompt_ids),
+                params=params,
+                images=[
+                    ImageSpan(s, n, i.identity) for (s, n), i in zip(spans, images, strict=True)
+                ],
+                eos_token_ids=self.eos_token_ids,
+                arrival=time.monotonic(),
+            )
+            await run_on_torch_thread(
+                self.runner.prepare, req, [i.tensor for i in images], [i.grid_thw for i in images]
+            )
+            self.scheduler.add(req)
+        except BaseException:
+            reservation.release()
+            raise
+        reservation.leave_queue()
+        self._reservations[rid] = reservation
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._streams[rid] = queue
-        self._wake.set()
+        self._wakeup()
         finished = False
         try:
             while True:
@@ -155,29 +234,14 @@ class Engine:
         """Stop a request; its blocks are freed before the next step."""
         if request_id in self._streams:
             self._aborts.add(request_id)
+            self._wakeup()
+
+    def _wakeup(self) -> None:
+        if self._wake is not None:
             self._wake.set()
 
-    def _spans(self, prompt_ids: list[int], images: list[ImageInput]) -> list[ImageSpan]:
-        """Image spans in prompt order; counts are checked against the tensors in `prepare`."""
-        spans: list[ImageSpan] = []
-        pos = 0
-        token = self.cfg.image_token_id
-        for img in images:
-            while pos < len(prompt_ids) and prompt_ids[pos] != token:
-                pos += 1
-            n = img.tensor.shape[0]
-            if pos + n > len(prompt_ids) or any(t != token for t in prompt_ids[pos : pos + n]):
-                raise ValueError(
-                    f"images: image {len(spans)} has {n} rows but the prompt has no run of "
-                    f"{n} image-pad tokens for it"
-                )
-            spans.append(ImageSpan(pos, n, img.content_hash))
-            pos += n
-        if token is not None and token in prompt_ids[pos:]:
-            raise ValueError("images: the prompt has more image-pad tokens than the images fill")
-        return spans
-
     async def _loop(self) -> None:
+        assert self._wake is not None
         while True:
             self._apply_aborts()
             self._update_gauges()
@@ -194,13 +258,13 @@ class Engine:
             except Exception:  # a failed forward must not take the service down
                 log.exception("forward failed; ending the %d requests of this step", len(chunks))
                 for c in chunks:
-                    self._end(c.req.id, "error")
+                    self._end(c.req.id, FinishReason.ERROR)
                 continue
             tokens = {rid: s.token for rid, s in samples.items()}
             for req, _, reason in self.scheduler.postprocess(chunks, tokens):
                 self._emit(req, samples[req.id], reason)
 
-    def _emit(self, req: Request, sample: Sample, reason: str | None) -> None:
+    def _emit(self, req: Request, sample: Sample, reason: FinishReason | None) -> None:
         now = time.monotonic()
         n = len(req.output_ids)
         self.metrics.generated_tokens.inc()
@@ -212,8 +276,9 @@ class Engine:
         if reason is not None:
             if n > 1 and req.first_token_at is not None:
                 self.metrics.tpot.observe((now - req.first_token_at) / (n - 1))
-            self.metrics.finished.labels(reason).inc()
+            self.metrics.finished.labels(reason.value).inc()
             usage = Usage(req.num_prompt, n, req.num_cached_prompt)
+            self._release(req.id)
         queue = self._streams.get(req.id)
         if queue is not None:
             first = req.first_token_at if req.first_token_at is not None else now
@@ -222,18 +287,24 @@ class Engine:
             if reason is not None:
                 del self._streams[req.id]
 
-    def _end(self, request_id: str, reason: str) -> None:
+    def _end(self, request_id: str, reason: FinishReason) -> None:
         req = self.scheduler.abort(request_id)
+        self._release(request_id)
         queue = self._streams.pop(request_id, None)
         if queue is not None:
             n = len(req.output_ids) if req else 0
             usage = Usage(req.num_prompt, n, req.num_cached_prompt) if req else None
             queue.put_nowait(TokenEvent(None, reason, usage))
-        self.metrics.finished.labels(reason).inc()
+        self.metrics.finished.labels(reason.value).inc()
+
+    def _release(self, request_id: str) -> None:
+        reservation = self._reservations.pop(request_id, None)
+        if reservation is not None:
+            reservation.release()
 
     def _apply_aborts(self) -> None:
         while self._aborts:
-            self._end(self._aborts.pop(), "abort")
+            self._end(self._aborts.pop(), FinishReason.ABORT)
 
     def _update_gauges(self) -> None:
         m = self.metrics

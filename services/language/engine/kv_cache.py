@@ -4,10 +4,14 @@ The cache is `num_blocks` blocks of `block_size` token slots. A request's `block
 blocks in order; token i lives in slot `block_table[i // block_size] * block_size + i % block_size`.
 
 Prefix caching: once every slot of a block holds computed K/V, the block is registered under a
-hash chained from its predecessor's and keyed by the block's tokens, where an image-pad token is
-keyed by (its image's content hash, its row in the image) — so the same image shares blocks and
-different images never do. A block with no owner stays in the cache (and findable) until it is
-reused for something else, least recently freed first.
+128-bit digest chained from its predecessor's: BLAKE2b, keyed with a random per-process key, over
+(parent digest, the block's token ids, and for every image run in the block its place in the
+block, its first row in the image and the image's identity). An image's identity is a digest of
+the tensor bytes and grid the service itself received (never a field a client sets), so the same
+image shares blocks and different images never do; a lookup compares digests only, and a keyed
+128-bit digest can neither collide by chance nor be steered by a client. A block with no owner
+stays in the cache (and findable) until it is reused for something else, least recently freed
+first.
 
 Invariants (checked by `check`): every block is either free (ref 0) or referenced by exactly
 `ref` block-table entries of live requests; the free list holds each ref-0 block once.
@@ -15,21 +19,25 @@ Invariants (checked by `check`): every block is either free (ref 0) or reference
 
 from __future__ import annotations
 
+import hashlib
+import os
+import struct
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.language.engine.request import Request
 
-BlockKey = tuple[object, ...]
+_KEY = os.urandom(32)  # keys the block digests: unpredictable outside this process
+_RUN = struct.Struct("<III")  # an image run in a block: offset in block, first image row, length
 
 
 @dataclass(slots=True)
 class Block:
     id: int
     ref: int = 0
-    hash: int | None = None
-    key: BlockKey | None = None  # tokens behind `hash`, compared on lookup (hash collisions)
+    hash: bytes | None = None  # 16-byte chained digest once registered
 
 
 class BlockManager:
@@ -41,7 +49,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in reuse order: oldest freed first. Cached blocks stay findable here.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # digest -> block id
         self.hit_tokens_total = 0
 
     @property
@@ -61,12 +69,11 @@ class BlockManager:
         """Block ids of the longest cached prefix of `req`'s tokens (never its last token)."""
         ids = req.all_ids
         hits: list[int] = []
-        parent: int | None = None
+        parent = b""
         for b in range((req.num_tokens - 1) // self.block_size):
-            key = self._block_key(req, ids, b)
-            h = hash((parent, key))
+            h = self._digest(req, ids, b, parent)
             bid = self.cached.get(h)
-            if bid is None or self.blocks[bid].key != key:
+            if bid is None:
                 break
             hits.append(bid)
             parent = h
@@ -103,18 +110,17 @@ class BlockManager:
         full = req.num_computed // self.block_size
         start = req.num_registered_blocks
         ids: list[int] | None = None
-        parent = self.blocks[req.block_table[start - 1]].hash if start else None
+        parent = self.blocks[req.block_table[start - 1]].hash or b"" if start else b""
         for b in range(start, full):
             block = self.blocks[req.block_table[b]]
             if block.hash is not None:  # registered earlier (by this request or a shared hit)
                 parent = block.hash
                 continue
             ids = req.all_ids if ids is None else ids
-            key = self._block_key(req, ids, b)
-            h = hash((parent, key))
+            h = self._digest(req, ids, b, parent)
             # Another request may have registered the same content first; keep that one.
             self.cached.setdefault(h, block.id)
-            block.hash, block.key = h, key
+            block.hash = h
             parent = h
         req.num_registered_blocks = max(start, full)
 
@@ -141,16 +147,19 @@ class BlockManager:
         block = self.blocks[bid]
         if block.hash is not None and self.cached.get(block.hash) == bid:
             del self.cached[block.hash]
-        block.hash = block.key = None
+        block.hash = None
 
-    def _block_key(self, req: Request, ids: list[int], b: int) -> BlockKey:
-        """Tokens of block b; image-pad tokens replaced by (image content hash, row)."""
+    def _digest(self, req: Request, ids: list[int], b: int, parent: bytes) -> bytes:
+        """The chained digest of block b of `req` (see the module docstring)."""
         lo, hi = b * self.block_size, (b + 1) * self.block_size
-        key: list[object] = list(ids[lo:hi])
+        d = hashlib.blake2b(parent, digest_size=16, key=_KEY)
+        d.update(array("i", ids[lo:hi]).tobytes())
         for span in req.images:
-            for i in range(max(lo, span.start), min(hi, span.start + span.length)):
-                key[i - lo] = (span.content_hash, i - span.start)
-        return tuple(key)
+            first, last = max(lo, span.start), min(hi, span.start + span.length)
+            if first < last:
+                d.update(_RUN.pack(first - lo, first - span.start, last - first))
+                d.update(span.identity)
+        return d.digest()
 
     def check(self, live: Sequence[Request]) -> None:
         """Assert the accounting invariants (tests call this after every operation)."""

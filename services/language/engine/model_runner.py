@@ -81,6 +81,11 @@ class ModelRunner:
             max_blocks = min(self.num_blocks, -(-t.max_position_embeddings // block_size))
             self.graphs = DecodeGraphs(model, self.storage, total_blocks - 1, max_blocks, max_batch)
 
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the KV cache holds in all (what the block manager hands out)."""
+        return self.num_blocks * self.block_size
+
     def _select_device(self) -> None:
         """Make our GPU the calling thread's current device: Triton launches, and graph
         capture creates its stream, on the current device, which is cuda:0 on a new thread

@@ -1,4 +1,4 @@
-"""Request state and sampling parameters (pure Python, no torch).
+"""Request state (pure Python, no torch); its `SamplingParams` come from the shared contract.
 
 A request's tokens are its prompt followed by what it generated. `num_computed` counts tokens
 whose K/V are in the cache (prefix-cache hits included); the scheduler advances it by the chunk it
@@ -12,43 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: int | None = None  # top alternatives to report per token; None = off
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_tokens > 0, f"max_tokens must be positive, got {self.max_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from common.contract import FinishReason, SamplingParams
 
 
 class Status(enum.Enum):
@@ -63,14 +27,14 @@ class ImageSpan:
 
     start: int  # index of its first image-pad token
     length: int  # number of image-pad tokens (= rows of its wire tensor)
-    content_hash: str
+    identity: bytes  # 16-byte digest of the tensor bytes and grid (`inputs.image_identity`)
 
 
 @dataclass(eq=False)
 class Request:
     id: str
     prompt_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams  # max_tokens resolved (never None here)
     images: list[ImageSpan] = field(default_factory=list)
     eos_token_ids: frozenset[int] = frozenset()
     # Model-side inputs the runner prepares (embeddings, positions); opaque to the scheduler.
@@ -85,7 +49,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     # Leading blocks of block_table registered in the prefix cache (registration is in order).
     num_registered_blocks: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     num_preemptions: int = 0
 
     @property
@@ -109,7 +73,7 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append_token(self, token: int) -> str | None:
+    def append_token(self, token: int) -> FinishReason | None:
         """Record a sampled token; return the finish reason if it ends the request."""
         self.output_ids.append(token)
         n = len(self.output_ids)
@@ -117,7 +81,7 @@ class Request:
         if not self.params.ignore_eos:
             stops |= self.eos_token_ids
         if token in stops and n >= self.params.min_tokens:
-            return "stop"
-        if n >= self.params.max_tokens:
-            return "length"
+            return FinishReason.STOP
+        if self.params.max_tokens is not None and n >= self.params.max_tokens:
+            return FinishReason.LENGTH
         return None

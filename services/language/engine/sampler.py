@@ -1,9 +1,14 @@
-"""Next-token sampling, one row per request with that request's parameters.
+"""Next-token sampling for a batch of rows, each with its own request's parameters.
 
 Order (as vLLM applies them): penalties on the raw logits (repetition over prompt + output;
 presence/frequency over the output), the min_tokens ban on stop ids, then greedy argmax at
 temperature 0, else temperature, top-k, top-p, min-p and a draw from the request's own seeded
 generator. Logprobs are reported from the raw logits (log-softmax before any processing).
+
+Every tensor the sampler builds lives on the logits' device (`process_logits` is checked on the
+`meta` device by a test): a penalty built on the CPU and applied to CUDA logits would fail the
+whole step. Penalties and bans are applied to the whole batch at once with indexed ops; only the
+draws of sampled rows are per row (each has its own generator).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.language.engine.request import SamplingParams
+from common.contract import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,15 +38,21 @@ class Sample:
 
 def sample_rows(logits: torch.Tensor, rows: list[SampleInput]) -> list[Sample]:
     """logits `[N, V]` (one row per entry of `rows`) -> one Sample per row."""
-    out = []
     raw_logprobs = None
     if any(r.params.logprobs is not None for r in rows):
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-    # Plain greedy rows (the common case) take one batched argmax instead of a per-row loop.
-    plain = [i for i, r in enumerate(rows) if _plain_greedy(r)]
-    greedy = dict(zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True)) if plain else {}
+    scores = process_logits(logits, rows)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    tokens: dict[int, int] = {}
+    if greedy:
+        picked = scores[greedy].argmax(dim=-1).tolist()  # one sync for every greedy row
+        tokens = dict(zip(greedy, picked, strict=True))
     for i, row in enumerate(rows):
-        token = greedy[i] if i in greedy else _choose(_process(logits[i].float(), row), row)
+        if i not in tokens:
+            tokens[i] = _draw(scores[i], row)
+    out = []
+    for i, row in enumerate(rows):
+        token = tokens[i]
         if raw_logprobs is None or row.params.logprobs is None:
             out.append(Sample(token))
             continue
@@ -54,40 +65,59 @@ def sample_rows(logits: torch.Tensor, rows: list[SampleInput]) -> list[Sample]:
     return out
 
 
-def _plain_greedy(row: SampleInput) -> bool:
-    p = row.params
-    return (
-        p.greedy
-        and p.logprobs is None
-        and p.repetition_penalty == 1.0
-        and not p.presence_penalty
-        and not p.frequency_penalty
-        and not (len(row.output_ids) < p.min_tokens and row.stop_ids)
-    )
-
-
-def _process(scores: torch.Tensor, row: SampleInput) -> torch.Tensor:
-    p = row.params
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
-        picked = scores[seen]
-        scores[seen] = torch.where(
-            picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
-        )
-    if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
-        counts = torch.bincount(torch.tensor(row.output_ids), minlength=scores.shape[0])
-        counts = counts[: scores.shape[0]].to(scores.dtype)
-        scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype)
-    if len(row.output_ids) < p.min_tokens and row.stop_ids:
-        banned = torch.tensor(sorted(t for t in row.stop_ids if t < scores.shape[0]))
-        scores[banned] = float("-inf")
+def process_logits(logits: torch.Tensor, rows: list[SampleInput]) -> torch.Tensor:
+    """Penalties and the min_tokens ban applied to `logits [N, V]`; returns new fp32 scores (the
+    input itself when no row needs any, which is then never written)."""
+    vocab = logits.shape[1]
+    device = logits.device
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    counted = [
+        i
+        for i, r in enumerate(rows)
+        if (r.params.presence_penalty or r.params.frequency_penalty) and r.output_ids
+    ]
+    banned = [
+        (i, t)
+        for i, r in enumerate(rows)
+        if len(r.output_ids) < r.params.min_tokens
+        for t in sorted(r.stop_ids)
+        if t < vocab
+    ]
+    if not (rep or counted or banned):
+        return logits if logits.dtype == torch.float32 else logits.float()
+    scores = logits.float().clone()
+    if rep:
+        pairs = [
+            (i, t) for i in rep for t in sorted(set(rows[i].prompt_ids) | set(rows[i].output_ids))
+        ]
+        r_idx, t_idx = _index(pairs, device)
+        penalty = torch.tensor([rows[i].params.repetition_penalty for i, _ in pairs], device=device)
+        picked = scores[r_idx, t_idx]
+        scores[r_idx, t_idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    if counted:
+        pairs = [(i, t) for i in counted for t in rows[i].output_ids if t < vocab]
+        r_idx, t_idx = _index(pairs, device)
+        counts = torch.zeros_like(scores)
+        counts.index_put_((r_idx, t_idx), torch.ones(len(pairs), device=device), accumulate=True)
+        n = len(rows)
+        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device).view(n, 1)
+        pres = torch.tensor([r.params.presence_penalty for r in rows], device=device).view(n, 1)
+        scores -= freq * counts + pres * (counts > 0).float()
+    if banned:
+        r_idx, t_idx = _index(banned, device)
+        scores[r_idx, t_idx] = float("-inf")
     return scores
 
 
-def _choose(scores: torch.Tensor, row: SampleInput) -> int:
+def _index(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(row, token) pairs -> two long index tensors on `device`."""
+    flat = torch.tensor(pairs, dtype=torch.long, device=device).view(-1, 2)
+    return flat[:, 0], flat[:, 1]
+
+
+def _draw(scores: torch.Tensor, row: SampleInput) -> int:
+    """One sampled token from fp32 scores `[V]` (temperature > 0)."""
     p = row.params
-    if p.greedy:
-        return int(scores.argmax())
     scores = scores / p.temperature
     if p.top_k and p.top_k < scores.shape[0]:
         kth = scores.topk(p.top_k).values[-1]
@@ -100,6 +130,10 @@ def _choose(scores: torch.Tensor, row: SampleInput) -> int:
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    # No mass left anywhere (every token banned, or scores that overflowed): the row takes its
+    # argmax instead of failing the whole step's batch in multinomial.
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return int(scores.argmax())
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 

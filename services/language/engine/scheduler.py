@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from common.contract import FinishReason
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.request import Request, Status
 
@@ -59,12 +60,6 @@ class Scheduler:
     def add(self, req: Request) -> None:
         if len(self.waiting) >= self.cfg.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests already waiting")
-        max_tokens = len(self.blocks.blocks) * self.blocks.block_size
-        if req.num_prompt + req.params.max_tokens > max_tokens:
-            raise ValueError(
-                f"prompt ({req.num_prompt}) + max_tokens ({req.params.max_tokens}) exceeds the "
-                f"KV cache ({max_tokens} tokens)"
-            )
         req.status = Status.WAITING
         self.waiting.append(req)
 
@@ -73,11 +68,11 @@ class Scheduler:
         for req in self.running:
             if req.id == req_id:
                 self.running.remove(req)
-                return self._finish(req, "abort")
+                return self._finish(req, FinishReason.ABORT)
         for req in self.waiting:
             if req.id == req_id:
                 self.waiting.remove(req)
-                return self._finish(req, "abort")
+                return self._finish(req, FinishReason.ABORT)
         return None
 
     def schedule(self) -> list[ScheduledChunk]:
@@ -116,7 +111,7 @@ class Scheduler:
 
     def postprocess(
         self, chunks: list[ScheduledChunk], sampled: dict[str, int]
-    ) -> list[tuple[Request, int, str | None]]:
+    ) -> list[tuple[Request, int, FinishReason | None]]:
         """Advance computed counts, append sampled tokens. Returns (req, token, finish_reason)."""
         out = []
         for chunk in chunks:
@@ -154,7 +149,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _finish(self, req: Request, reason: str) -> Request:
+    def _finish(self, req: Request, reason: FinishReason) -> Request:
         self.blocks.release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason

@@ -1,30 +1,39 @@
 """`epd gateway`: the OpenAI-compatible HTTP and gRPC `Chat` front door over the encoder and
-language pools."""
+language pools. It runs no model and imports no torch."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from common.config import ModelConfig
-from common.grpc_bootstrap import GrpcServer, ServerConfig
+from common.contract import PreprocessConfig
+from common.contract.images import add_image_limit_arguments, image_limits_from_args
+from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
+from common.lifecycle import serve_service, start_service, stop_service
 from common.rpc import gateway_pb2, gateway_pb2_grpc
 from common.tls import ClientTLS, add_client_tls_arguments, client_tls_from_args
 from common.tokenizer import ChatTokenizer
 from services.gateway.backends import BackendPool
 from services.gateway.grpc_api import ChatServicer
-from services.gateway.http_api import HttpApi
+from services.gateway.http_api import DEFAULT_MAX_BODY_BYTES, HttpApi
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_protocol import Limits
 from services.gateway.orchestrator import Orchestrator, OrchestratorConfig
 
 log = logging.getLogger("epd.gateway")
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 50071
 
 
 @dataclass(frozen=True)
@@ -32,21 +41,17 @@ class GatewayConfig:
     model: str
     encoders: tuple[str, ...]
     language: tuple[str, ...]
-    host: str = "0.0.0.0"
-    http_port: int = 8000
-    grpc_port: int = 50071
-    metrics_port: int | None = None
+    # The gRPC Chat server: host (HTTP listens there too), port, TLS (both front doors),
+    # grace period, --metrics-port.
+    server: ServerConfig = field(default_factory=lambda: ServerConfig(port=DEFAULT_GRPC_PORT))
+    http_port: int = DEFAULT_HTTP_PORT
     api_key: str | None = None
     served_model_name: str | None = None
     limits: Limits = field(default_factory=Limits)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_s: float = 2.0  # DNS re-resolution and health-check period
-    grace_s: float = 20.0
     backend_tls: ClientTLS | None = None  # TLS to encoders and language replicas
-    # TLS on both front doors, HTTP and gRPC (PEM files); `tls_ca` requires client certificates.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
 
     @property
     def model_name(self) -> str:
@@ -54,7 +59,7 @@ class GatewayConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = GatewayConfig
+    o = OrchestratorConfig
     parser.add_argument(
         "--model",
         required=True,
@@ -68,15 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--language", required=True, help="language addresses: host:port,... or dns:///name:port"
     )
-    parser.add_argument("--host", default=d.host, help="address to listen on")
-    parser.add_argument("--http-port", type=int, default=d.http_port, help="OpenAI HTTP port")
-    parser.add_argument("--grpc-port", type=int, default=d.grpc_port, help="gRPC Chat port")
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="also serve Prometheus /metrics on this port (it is on HTTP too)",
-    )
+    add_server_arguments(parser, DEFAULT_HTTP_PORT, ("--port", "--http-port"),
+                         "OpenAI HTTP port (0 = any free)")  # fmt: skip
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC Chat port")
     parser.add_argument(
         "--api-key",
         default=None,
@@ -92,25 +91,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory file:// image URLs may read from (default: none)",
     )
-    parser.add_argument("--max-images-per-request", type=int, default=Limits.max_images)
-    parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes)
-    parser.add_argument(
+    add_image_limit_arguments(parser)
+    g = parser.add_argument_group("admission and deadlines")
+    g.add_argument(
+        "--max-in-flight-requests",
+        type=int,
+        default=o.max_in_flight,
+        help="requests served at once; beyond it new ones get 429 with Retry-After",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="HTTP request bodies larger than this get 413",
+    )
+    g.add_argument(
         "--encode-timeout",
         type=float,
-        default=OrchestratorConfig.encode_timeout_s,
+        default=o.encode_timeout_s,
         help="seconds one encoder gets before the image is retried on another",
     )
-    parser.add_argument(
-        "--grace-period",
+    g.add_argument(
+        "--request-timeout",
         type=float,
-        default=d.grace_s,
-        help="seconds in-flight requests get to finish on SIGTERM",
-    )
-    tls = parser.add_argument_group("TLS on the HTTP and gRPC ports")
-    tls.add_argument("--ssl-certfile", default=None, help="PEM certificate chain: serve HTTPS")
-    tls.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
-    tls.add_argument(
-        "--ssl-ca-certs", default=None, help="PEM CA bundle: require client certificates"
+        default=o.request_timeout_s,
+        help="seconds one request may take in all: encodes, retries and generation",
     )
     add_client_tls_arguments(parser, "backend-", "encoders and language replicas")
 
@@ -121,103 +126,136 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         model=args.model,
         encoders=tuple(a for a in args.encoders.split(",") if a.strip()),
         language=tuple(a for a in args.language.split(",") if a.strip()),
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
+        server=dataclasses.replace(server_config(args), port=args.grpc_port),
+        http_port=args.port,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
-        limits=Limits(args.max_images_per_request, args.max_image_bytes, media),
-        orchestrator=OrchestratorConfig(encode_timeout_s=args.encode_timeout),
-        grace_s=args.grace_period,
+        limits=Limits(image_limits_from_args(args), media),
+        orchestrator=OrchestratorConfig(
+            encode_timeout_s=args.encode_timeout,
+            request_timeout_s=args.request_timeout,
+            max_in_flight=args.max_in_flight_requests,
+        ),
+        max_body_bytes=args.max_request_body_bytes,
         backend_tls=client_tls_from_args(args, "backend-"),
-        tls_cert=args.ssl_certfile,
-        tls_key=args.ssl_keyfile,
-        tls_ca=args.ssl_ca_certs,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(config_from_args(args)))
+    cfg = config_from_args(args)
+    asyncio.run(serve_service(lambda: create(cfg)))
     return 0
 
 
 @dataclass
 class GatewayService:
+    """The gateway role (`common.lifecycle.Service`): SERVING once every pool has a healthy
+    backend (they may come up after the gateway)."""
+
     cfg: GatewayConfig
-    grpc: GrpcServer
+    server: GrpcServer
+    http: HttpApi
     runner: web.AppRunner
-    http_port: int
     pools: list[BackendPool]
     metrics: GatewayMetrics
+    orchestrator: Orchestrator
+    http_port: int = 0
+    wait_s: float = 0.0  # `load` waits this long for healthy backends
+    _health: asyncio.Task[None] | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
 
     @property
     def base_url(self) -> str:
-        scheme = "https" if self.cfg.tls_cert else "http"
+        scheme = "https" if self.cfg.server.tls_cert else "http"
         return f"{scheme}://127.0.0.1:{self.http_port}/v1"
 
-    async def stop(self, grace: float | None = None) -> None:
-        await self.grpc.stop(grace)
+    def ready(self) -> bool:
+        return all(p.healthy for p in self.pools)
+
+    async def load(self) -> None:
+        for pool in self.pools:
+            await pool.start()
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.cfg.server.host, self.cfg.http_port,
+                           ssl_context=_ssl_context(self.cfg.server))  # fmt: skip
+        await site.start()
+        self.http_port = self.runner.addresses[0][1]
+        log.info("gateway for %s: HTTP :%d (OpenAI API), gRPC :%d", self.cfg.model_name,
+                 self.http_port, self.server.port)  # fmt: skip
+        for pool in self.pools:
+            await pool.wait_healthy(self.wait_s)
+        if self.ready():
+            await self.server.set_serving()
+        else:
+            self._health = asyncio.create_task(self._serving_when_ready())
+
+    async def _serving_when_ready(self) -> None:
+        while not self.ready():
+            await asyncio.sleep(self.cfg.refresh_s)
+        await self.server.set_serving()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking HTTP connections; let the requests in flight finish."""
+        for site in list(self.runner.sites):
+            await site.stop()
+        end = time.monotonic() + grace_s
+        while self.orchestrator.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
         await self.runner.cleanup()
         for pool in self.pools:
             await pool.stop()
 
+    async def stop(self, grace: float | None = None) -> None:
+        await stop_service(self, grace)
 
-async def start(cfg: GatewayConfig, wait_s: float = 0.0) -> GatewayService:
-    server_cfg = ServerConfig(
-        host=cfg.host,
-        port=cfg.grpc_port,
-        metrics_port=cfg.metrics_port,
-        grace_s=cfg.grace_s,
-        tls_cert=cfg.tls_cert,
-        tls_key=cfg.tls_key,
-        tls_ca=cfg.tls_ca,
-    )  # checks the TLS flags before anything starts
+
+def create(cfg: GatewayConfig) -> GatewayService:
     model_cfg = ModelConfig.from_dir(cfg.model)
     tokenizer = ChatTokenizer(cfg.model)
+    preprocess = PreprocessConfig.from_dir(cfg.model) if model_cfg.is_multimodal else None
     if model_cfg.is_multimodal and not cfg.encoders:
         log.warning("no --encoders given: requests with images will be refused")
-    tls = cfg.backend_tls
-    encoders = (
-        BackendPool("encoder", cfg.encoders, cfg.refresh_s, tls=tls) if cfg.encoders else None
-    )
-    language = BackendPool("language", cfg.language, cfg.refresh_s, tls=tls)
-    pools = [p for p in (encoders, language) if p is not None]
-    for pool in pools:
-        await pool.start()
     metrics = GatewayMetrics()
-    orchestrator = Orchestrator(model_cfg, tokenizer, encoders, language, metrics, cfg.orchestrator)
-
-    def ready() -> bool:
-        return bool(language.healthy) and (encoders is None or bool(encoders.healthy))
-
-    http = HttpApi(orchestrator, cfg.model_name, cfg.limits, cfg.api_key, ready)
-    runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=_ssl_context(cfg))
-    await site.start()
-    http_port = runner.addresses[0][1]
+    tls, down = cfg.backend_tls, metrics.marked_down
+    encoders = (
+        BackendPool("encoder", cfg.encoders, cfg.refresh_s, tls=tls, marked_down=down)
+        if cfg.encoders
+        else None
+    )
+    language = BackendPool("language", cfg.language, cfg.refresh_s, tls=tls, marked_down=down)
+    pools = [p for p in (encoders, language) if p is not None]
+    orchestrator = Orchestrator(model_cfg, tokenizer, encoders, language, metrics,
+                                cfg.orchestrator, preprocess)  # fmt: skip
     service_name = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
-    grpc_server = GrpcServer(server_cfg, [service_name])
+    server = GrpcServer(cfg.server, [service_name])
     gateway_pb2_grpc.add_ChatServicer_to_server(
-        ChatServicer(orchestrator, cfg.model_name, cfg.limits, cfg.api_key), grpc_server.server
+        ChatServicer(orchestrator, cfg.model_name, cfg.limits, cfg.api_key), server.server
     )
-    await grpc_server.start(metrics.registry)
-    if wait_s:
-        for pool in pools:
-            await pool.wait_healthy(wait_s)
-    if ready():
-        await grpc_server.set_serving()
-    log.info(
-        "gateway for %s: HTTP :%d (OpenAI API), gRPC :%d",
-        cfg.model_name,
-        http_port,
-        grpc_server.port,
-    )
-    return GatewayService(cfg, grpc_server, runner, http_port, pools, metrics)
+    http = HttpApi(orchestrator, cfg.model_name, cfg.limits, cfg.api_key,
+                   lambda: bool(language.healthy) and (encoders is None or bool(encoders.healthy)),
+                   cfg.max_body_bytes)  # fmt: skip
+    runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
+    return GatewayService(cfg, server, http, runner, pools, metrics, orchestrator)
 
 
-def _ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
+async def start(cfg: GatewayConfig, wait_s: float = 0.0) -> GatewayService:
+    """Listen, start the pools and wait up to `wait_s` for healthy backends."""
+    service = create(cfg)
+    service.wait_s = wait_s
+    await start_service(service)
+    return service
+
+
+def _ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
     """The HTTP side's TLS, from the same files as the gRPC side's."""
     if cfg.tls_cert is None:
         return None
@@ -227,24 +265,3 @@ def _ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
         ctx.load_verify_locations(cfg.tls_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-async def serve(cfg: GatewayConfig) -> None:
-    service = await start(cfg)
-
-    async def keep_health() -> None:
-        while True:  # SERVING once backends are there (they may come after the gateway)
-            if all(p.healthy for p in service.pools):
-                await service.grpc.set_serving()
-                return
-            await asyncio.sleep(service.cfg.refresh_s)
-
-    task = asyncio.create_task(keep_health())
-
-    async def shutdown() -> None:
-        task.cancel()
-        await service.runner.cleanup()
-        for pool in service.pools:
-            await pool.stop()
-
-    await service.grpc.serve_until_signal(shutdown)

@@ -21,11 +21,13 @@ import logging
 import random
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Counter
 
+from common.contract import ReplicaInfo
 from common.tls import ClientTLS, aio_channel
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class Backend:
     healthy: bool = False
     outstanding: int = 0
     failures: int = 0
-    info: dict[str, object] = field(default_factory=dict)  # cached per-backend facts (host id)
+    info: ReplicaInfo | None = None  # a language replica's GetInfo, cached until marked down
 
 
 class BackendPool:
@@ -56,8 +58,11 @@ class BackendPool:
         refresh_s: float = 2.0,
         check_timeout_s: float = 1.0,
         tls: ClientTLS | None = None,
+        marked_down: Counter | None = None,
     ) -> None:
+        """`marked_down`: a counter labelled by pool, counted by `mark_down`."""
         self.name = name
+        self.marked_down = marked_down
         self.tls = tls
         self.targets = [t.strip() for t in targets if t.strip()]
         if not self.targets:
@@ -97,7 +102,10 @@ class BackendPool:
     def mark_down(self, backend: Backend, reason: str) -> None:
         if backend.healthy:
             log.warning("%s %s marked down: %s", self.name, backend.address, reason)
+            if self.marked_down is not None:
+                self.marked_down.labels(self.name).inc()
         backend.healthy = False
+        backend.info = None  # a replica that comes back may serve differently
         backend.failures += 1
 
     async def wait_healthy(self, timeout: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,9 +19,11 @@ _STATUS = {
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+_PARSE_INLINE_BYTES = 64 * 1024  # requests with more image bytes are parsed off the event loop
 
 
 class ChatServicer(gateway_pb2_grpc.ChatServicer):
@@ -35,28 +38,39 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
     ) -> AsyncIterator[gateway_pb2.ChatResponse]:
         try:
             self._authorize(context)
-            req = parse_chat_request(self._as_openai(request), self.limits)
-            async for item in self.orchestrator.chat(req):
-                if isinstance(item, Delta):
-                    yield gateway_pb2.ChatResponse(
-                        delta=gateway_pb2.Delta(
-                            text=item.text,
-                            token_ids=item.token_ids,
-                            logprobs=[lp["logprob"] for lp in item.logprobs],
-                        )
-                    )
-                    continue
-                yield gateway_pb2.ChatResponse(
-                    done=gateway_pb2.Done(
-                        finish_reason=item.finish_reason,
-                        prompt_tokens=item.prompt_tokens,
-                        completion_tokens=item.completion_tokens,
-                        cached_tokens=item.cached_tokens,
-                        timings_seconds=item.timings,
-                    )
-                )
+            with self.orchestrator.admit():
+                async for item in self._complete(request):
+                    yield item
         except ApiError as e:
             await context.abort(_STATUS.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+
+    async def _complete(
+        self, request: gateway_pb2.ChatRequest
+    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        body = self._as_openai(request)
+        if request.ByteSize() > _PARSE_INLINE_BYTES:
+            req = await asyncio.to_thread(parse_chat_request, body, self.limits)
+        else:
+            req = parse_chat_request(body, self.limits)
+        async for item in self.orchestrator.chat(req):
+            if isinstance(item, Delta):
+                yield gateway_pb2.ChatResponse(
+                    delta=gateway_pb2.Delta(
+                        text=item.text,
+                        token_ids=item.token_ids,
+                        logprobs=[lp["logprob"] for lp in item.logprobs],
+                    )
+                )
+                continue
+            yield gateway_pb2.ChatResponse(
+                done=gateway_pb2.Done(
+                    finish_reason=item.finish_reason,
+                    prompt_tokens=item.prompt_tokens,
+                    completion_tokens=item.completion_tokens,
+                    cached_tokens=item.cached_tokens,
+                    timings_seconds=item.timings,
+                )
+            )
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self.api_key:

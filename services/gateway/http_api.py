@@ -1,7 +1,14 @@
-"""OpenAI-compatible HTTP API (aiohttp): /v1/chat/completions, /v1/models, /health, /metrics."""
+"""OpenAI-compatible HTTP API (aiohttp): /v1/chat/completions, /v1/models, /health, /metrics.
+
+Bounded on the way in: bodies larger than `max_body_bytes` get 413 before they are read in full,
+requests beyond the orchestrator's in-flight bound get 429 with Retry-After, and a large body is
+decoded (JSON, base64 images, their hashes and headers) off the event loop, so one big request
+never stalls the others' streams. Every error is OpenAI's JSON error body with a 4xx/5xx status.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -26,6 +33,9 @@ from services.gateway.orchestrator import Delta, Final, Orchestrator
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+DEFAULT_MAX_BODY_BYTES = 128 << 20
+_PARSE_INLINE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
+
 
 class HttpApi:
     def __init__(
@@ -35,12 +45,13 @@ class HttpApi:
         limits: Limits,
         api_key: str | None = None,
         ready: Callable[[], bool] = lambda: True,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.orchestrator, self.model_name, self.limits = orchestrator, model_name, limits
         self.api_key, self.ready = api_key, ready
         self.metrics = orchestrator.metrics
         self.app = web.Application(
-            middlewares=[self._errors, self._auth], client_max_size=256 << 20
+            middlewares=[self._errors, self._auth], client_max_size=max_body_bytes
         )
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_get("/v1/models", self.models)
@@ -54,12 +65,18 @@ class HttpApi:
         except ApiError as e:
             if request.path == "/v1/chat/completions":
                 self.metrics.requests.labels(str(e.status)).inc()
-            return web.json_response(e.body(), status=e.status)
+            return error_response(e)
         except web.HTTPException as e:
             if e.status >= 400:
-                body = ApiError(e.status, e.reason or "error").body()
-                return web.json_response(body, status=e.status)
+                if e.status == 413:
+                    self.metrics.rejected.labels("body_too_large").inc()
+                return error_response(ApiError(e.status, e.reason or "error"))
             raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:  # a bug: still an OpenAI error body, and the stack trace in the log
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            return error_response(ApiError(500, "internal error; see the gateway's log"))
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -79,25 +96,26 @@ class HttpApi:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
-        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "epd"}
+        card: dict[str, Any] = {"id": self.model_name, "object": "model", "created": 0,
+                                "owned_by": "epd", "root": self.model_name}  # fmt: skip
+        max_len = await self.orchestrator.max_model_len()
+        if max_len is not None:
+            card["max_model_len"] = max_len
         return web.json_response({"object": "list", "data": [card]})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        req = parse_chat_request(body, self.limits)
-        if req.model != self.model_name:
-            raise ApiError(404, f"The model `{req.model}` does not exist.", "model")
-        self.metrics.in_flight.inc()
-        try:
+        with self.orchestrator.admit():
+            raw = await request.read()  # 413 beyond client_max_size
+            if len(raw) > _PARSE_INLINE_BYTES:
+                req = await asyncio.to_thread(parse_body, raw, self.limits)
+            else:
+                req = parse_body(raw, self.limits)
+            if req.model != self.model_name:
+                raise ApiError(404, f"The model `{req.model}` does not exist.", "model")
             if req.stream:
                 response = await self._stream(request, req)
             else:
                 response = await self._complete(req)
-        finally:
-            self.metrics.in_flight.dec()
         self.metrics.requests.labels(str(response.status)).inc()
         return response
 
@@ -150,6 +168,22 @@ class HttpApi:
         if req.include_usage:
             usage = usage_json(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
             await _send(response, usage_chunk(req, usage))
+
+
+def parse_body(raw: bytes, limits: Limits) -> ChatRequest:
+    """JSON bytes -> a validated ChatRequest (images read, hashed and checked)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    return parse_chat_request(body, limits)
+
+
+def error_response(e: ApiError) -> web.Response:
+    headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else None
+    return web.json_response(e.body(), status=e.status, headers=headers)
 
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -1,8 +1,11 @@
-"""Image bytes from what clients send: `data:` URLs, `file://` paths under an allowed directory,
-or raw bytes (gRPC). Remote http(s) URLs are refused: the gateway fetches nothing from the network.
+"""Images from what clients send: `data:` URLs, `file://` paths under an allowed directory, or
+raw bytes (gRPC). Remote http(s) URLs are refused: the gateway fetches nothing from the network.
 
-Only the container format is checked here (magic bytes); decoding happens on the encoder, which
-reports undecodable images per image.
+Each image is read only as far as its header: the container format (magic bytes), its width and
+height (Pillow parses the header, decodes no pixels), checked against the limits, and its SHA-256
+(the encoder-affinity key). With the size, the gateway predicts the image's token count exactly
+as the encoder will resize it (`common.contract.images`). Decoding happens on the encoder, which
+reports an undecodable image per image.
 """
 
 from __future__ import annotations
@@ -10,8 +13,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from PIL import Image as PILImage
+
+from common.contract import ImageLimits
 
 # Leading bytes of the formats the encoder decodes.
 _MAGIC = (
@@ -26,7 +36,19 @@ _MAGIC = (
 
 
 class MediaError(ValueError):
-    """A client-side problem with an image reference (HTTP 400)."""
+    """A client-side problem with an image (HTTP 400, or 413 when `too_large`)."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    data: bytes  # the file as sent
+    width: int
+    height: int
+    sha256: str  # lowercase hex of `data`
 
 
 def content_hash(data: bytes) -> str:
@@ -39,27 +61,47 @@ def sniff(data: bytes) -> str | None:
     return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
-def load_image_url(url: str, allowed_dir: Path | None, max_bytes: int) -> bytes:
-    """The bytes behind an image URL, or MediaError saying what is wrong with it."""
+def load_image_url(url: str, allowed_dir: Path | None, limits: ImageLimits) -> Image:
+    """The image behind a URL, or MediaError saying what is wrong with it."""
     if url.startswith("data:"):
         data = _data_url(url)
     elif url.startswith("file://"):
-        data = _file_url(url, allowed_dir, max_bytes)
+        data = _file_url(url, allowed_dir, limits.max_image_bytes)
     elif url.startswith(("http://", "https://")):
         raise MediaError("remote image URLs are not fetched; send a data: URL instead")
     else:
         raise MediaError(f"unsupported image URL scheme in {url[:32]!r}")
-    return check_image_bytes(data, max_bytes)
+    return read_image(data, limits)
 
 
-def check_image_bytes(data: bytes, max_bytes: int) -> bytes:
+def read_image(data: bytes, limits: ImageLimits) -> Image:
+    """Check an image file's size, format and header against the limits."""
     if not data:
         raise MediaError("image is empty")
-    if len(data) > max_bytes:
-        raise MediaError(f"image is {len(data)} bytes, over the limit of {max_bytes}")
+    if len(data) > limits.max_image_bytes:
+        raise MediaError(
+            f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes}", True
+        )
     if sniff(data) is None:
         raise MediaError("image data is not a PNG, JPEG, WebP, GIF, BMP or TIFF file")
-    return data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as img:  # header only: no pixels decoded
+                width, height = img.size
+    except PILImage.DecompressionBombError as e:
+        raise MediaError(f"image too large to decode safely: {e}", True) from None
+    except Exception as e:  # Pillow raises many types for a corrupt header
+        raise MediaError(f"cannot read the image header: {type(e).__name__}: {e}") from None
+    if width <= 0 or height <= 0:
+        raise MediaError(f"image has zero size ({width}x{height})")
+    if width * height > limits.max_image_pixels:
+        raise MediaError(
+            f"image has {width}x{height} = {width * height} pixels, over the limit "
+            f"{limits.max_image_pixels}",
+            True,
+        )
+    return Image(data, width, height, content_hash(data))
 
 
 def _data_url(url: str) -> bytes:
@@ -70,7 +112,10 @@ def _data_url(url: str) -> bytes:
     if mime and not mime.startswith("image/"):
         raise MediaError(f"data URL has media type {mime!r}, not an image")
     if ";base64" not in header.lower():
-        return unquote(payload).encode("latin-1")
+        try:
+            return unquote(payload, errors="strict").encode("latin-1")
+        except (UnicodeError, ValueError) as e:
+            raise MediaError(f"data URL is not valid percent-encoded bytes: {e}") from None
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -82,12 +127,17 @@ def _file_url(url: str, allowed_dir: Path | None, max_bytes: int) -> bytes:
         raise MediaError(
             "file:// image URLs are disabled (start the gateway with --allowed-local-media-path)"
         )
-    path = Path(unquote(urlparse(url).path)).resolve()
-    root = allowed_dir.resolve()
-    if not path.is_relative_to(root):
-        raise MediaError(f"file {path} is outside the allowed directory")
-    if not path.is_file():
-        raise MediaError(f"file {path} does not exist")
-    if path.stat().st_size > max_bytes:
-        raise MediaError(f"image is {path.stat().st_size} bytes, over the limit of {max_bytes}")
-    return path.read_bytes()
+    try:
+        path = Path(unquote(urlparse(url).path)).resolve()
+        if not path.is_relative_to(allowed_dir.resolve()):
+            raise MediaError(f"file {path} is outside the allowed directory")
+        if not path.is_file():
+            raise MediaError(f"file {path} does not exist")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise MediaError(f"image is {size} bytes, over the limit of {max_bytes}", True)
+        return path.read_bytes()
+    except (ValueError, OSError) as e:  # a NUL byte, a name too long, unreadable, ...
+        if isinstance(e, MediaError):
+            raise
+        raise MediaError(f"cannot read the file URL: {type(e).__name__}: {e}") from None

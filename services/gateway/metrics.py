@@ -25,11 +25,24 @@ class GatewayMetrics:
         self.images = Counter(
             "epd_gateway_images", "Images encoded, by encoder cache result", ["cache"], registry=r
         )
-        self.encoder_retries = Counter(
-            "epd_gateway_encoder_retries", "Encode attempts retried on another encoder", registry=r
-        )
-        self.language_retries = Counter(
-            "epd_gateway_language_retries",
-            "Requests moved to another language replica before their first token",
+        self.rejected = Counter(
+            "epd_gateway_rejected", "Requests shed before any work, by reason", ["reason"],
             registry=r,
-        )
+        )  # fmt: skip
+        # Retries, one counter per stage, labelled by cause.
+        self.encoder_retries = Counter(
+            "epd_gateway_encoder_retries", "Encode attempts retried on another encoder, by the "
+            "failed attempt's gRPC code", ["code"], registry=r,
+        )  # fmt: skip
+        self.image_retries = Counter(
+            "epd_gateway_image_retries", "Requests whose images were encoded again because the "
+            "language replica could not pull one, by transfer reason", ["reason"], registry=r,
+        )  # fmt: skip
+        self.language_retries = Counter(
+            "epd_gateway_language_retries", "Requests moved to another language replica before "
+            "their first token, by cause (unreachable, not_serving, busy)", ["cause"], registry=r,
+        )  # fmt: skip
+        self.marked_down = Counter(
+            "epd_gateway_backends_marked_down", "Backends taken out of rotation after a failed "
+            "call (health checks bring them back), by pool", ["pool"], registry=r,
+        )  # fmt: skip

@@ -1,9 +1,14 @@
 """OpenAI chat-completions requests and responses, as vLLM and SGLang serve them.
 
-`parse_chat_request` validates a decoded JSON body into a `ChatRequest` (raising `ApiError` with
-the HTTP status, message and offending parameter); the `*_response`/`*_chunk` builders produce
-the JSON the official client expects. Accepted beyond OpenAI's fields: vLLM's sampling extensions
-`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`.
+`parse_chat_request` turns a decoded JSON body into a `ChatRequest` whose sampling parameters are
+the shared contract's `SamplingParams`, or raises `ApiError` (HTTP status, message, offending
+parameter) before any work is done. Types are strict, as OpenAI's and vLLM's are: a string is not
+a boolean, a float is not an integer. Accepted beyond OpenAI's fields: vLLM's sampling extensions
+`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`. Fields that
+OpenAI or vLLM define but epd does not implement yet (`tools`, `response_format`, ...) are refused
+with 400 "not supported" unless they carry their neutral value; fields nobody defines are ignored,
+as vLLM ignores them. The `*_response`/`*_chunk` builders produce the JSON the official client
+expects.
 """
 
 from __future__ import annotations
@@ -14,22 +19,68 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.gateway.media import MediaError, check_image_bytes, load_image_url
-from services.language.engine.request import SamplingParams
+from common.contract import ContractError, ImageLimits, SamplingParams
+from common.contract.sampling import MAX_SEED
+from services.gateway.media import Image, MediaError, load_image_url, read_image
 
 ROLES = ("system", "user", "assistant", "developer")
+MAX_STOP_STRINGS = 16
+
+# Known fields not implemented yet -> their neutral values (anything else is refused).
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "prompt_logprobs": (None,),
+    "echo": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "mm_processor_kwargs": (None, {}),
+    "logits_processors": (None,),
+    "truncate_prompt_tokens": (None,),
+    "skip_special_tokens": (None, True),
+    "include_stop_str_in_output": (None, False),
+    "spaces_between_special_tokens": (None, True),
+}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "",
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429/503)
         self.kind = kind or {
             400: "invalid_request_error",
             401: "authentication_error",
             404: "not_found_error",
             413: "invalid_request_error",
             429: "rate_limit_error",
+            502: "upstream_error",
             503: "service_unavailable",
             504: "timeout_error",
         }.get(status, "internal_error")
@@ -42,23 +93,22 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    max_images: int = 16
-    max_image_bytes: int = 20 << 20
-    allowed_media_dir: Path | None = None
+    """What one request may carry."""
+
+    images: ImageLimits = field(default_factory=ImageLimits)
+    allowed_media_dir: Path | None = None  # where file:// URLs may read from; None = nowhere
 
 
 @dataclass
 class ChatRequest:
     model: str
     messages: list[dict[str, Any]]  # chat-template input: content is a str or text/image parts
-    images: list[bytes]  # in order of appearance
-    max_tokens: int | None  # None = up to the context
-    sampling: dict[str, Any]  # SamplingParams fields except max_tokens (validated)
+    images: list[Image]  # in order of appearance
+    params: SamplingParams  # max_tokens None = all the room the context leaves
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
-    top_logprobs: int = 0
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
 
 
@@ -67,66 +117,81 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         raise ApiError(400, "request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' is required", "model")
-    if body.get("n", 1) != 1:
+        raise ApiError(400, "'model' is required and must be a string", "model")
+    for name, neutral in _UNSUPPORTED.items():
+        if name in body and not any(_same(body[name], v) for v in neutral):
+            raise ApiError(400, f"'{name}' is not supported by this server yet", name)
+    n = body.get("n", 1)
+    if n is not None and (not _is_int(n) or n != 1):
         raise ApiError(400, "only n=1 is supported", "n")
     messages, images = _messages(body.get("messages"), limits)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens <= 0):
-        raise ApiError(400, "max_tokens must be a positive integer", "max_tokens")
-    logprobs = bool(body.get("logprobs") or False)
+    stream = _bool(body, "stream")
+    logprobs = _bool(body, "logprobs")
     top = body.get("top_logprobs")
     if top is not None and (not _is_int(top) or not 0 <= top <= 20):
         raise ApiError(400, "top_logprobs must be an integer in [0, 20]", "top_logprobs")
     if top and not logprobs:
         raise ApiError(400, "top_logprobs requires logprobs=true", "top_logprobs")
-    sampling: dict[str, Any] = {
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
-        "top_k": int(_number(body, "top_k", 0, -1, 1 << 30)),
-        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, 10.0),
-        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        "seed": _optional_int(body, "seed"),
-        "ignore_eos": bool(body.get("ignore_eos", False)),
-        "min_tokens": int(_number(body, "min_tokens", 0, 0, 1 << 30)),
-        "stop_token_ids": tuple(_int_list(body, "stop_token_ids")),
-        "logprobs": (top or 0) if logprobs else None,
-    }
-    if sampling["top_k"] == -1:  # vLLM spelling of "off"
-        sampling["top_k"] = 0
-    try:  # the engine's own validation, so both sides agree on what is valid
-        SamplingParams(max_tokens=max_tokens or 1 << 30, **sampling)
-    except ValueError as e:
-        raise ApiError(400, str(e), str(e).split(" ")[0]) from None
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
+    include_usage = _bool(options or {}, "include_usage", "stream_options.include_usage")
+    if options and not stream:
+        raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options")
+    for name in ("user", "prompt_cache_key", "safety_identifier", "service_tier"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ApiError(400, f"{name} must be a string", name)
+    try:
+        params = SamplingParams(
+            max_tokens=_max_tokens(body),
+            temperature=_get(body, "temperature", 1.0),
+            top_p=_get(body, "top_p", 1.0),
+            top_k=_top_k(body),
+            min_p=_get(body, "min_p", 0.0),
+            seed=_seed(body),
+            repetition_penalty=_get(body, "repetition_penalty", 1.0),
+            presence_penalty=_get(body, "presence_penalty", 0.0),
+            frequency_penalty=_get(body, "frequency_penalty", 0.0),
+            stop_token_ids=_token_ids(body, "stop_token_ids"),
+            ignore_eos=_get(body, "ignore_eos", False),
+            min_tokens=_get(body, "min_tokens", 0),
+            logprobs=(top or 0) if logprobs else None,
+        )
+    except ContractError as e:
+        raise ApiError(400, str(e), e.param) from None
     return ChatRequest(
         model=model,
         messages=messages,
         images=images,
-        max_tokens=max_tokens,
-        sampling=sampling,
+        params=params,
         stop=_stop(body.get("stop")),
-        stream=bool(body.get("stream", False)),
-        include_usage=bool(options.get("include_usage", False)),
+        stream=stream,
+        include_usage=include_usage,
         logprobs=logprobs,
-        top_logprobs=top or 0,
     )
 
 
-def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[bytes]]:
+def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Image]]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     out: list[dict[str, Any]] = []
-    images: list[bytes] = []
+    images: list[Image] = []
     for i, msg in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+        if not isinstance(msg, dict):
+            raise ApiError(400, f"{where} must be an object", where)
+        role = msg.get("role")
+        if role in ("tool", "function"):
+            raise ApiError(
+                400, f"{where}: role {role!r} is not supported by this server yet", where
+            )
+        if role not in ROLES:
             raise ApiError(400, f"{where}: role must be one of {', '.join(ROLES)}", where)
-        role = "system" if msg["role"] == "developer" else msg["role"]
+        if msg.get("tool_calls") or msg.get("function_call"):
+            raise ApiError(400, f"{where}: tool calls are not supported by this server yet", where)
+        if msg.get("name") is not None and not isinstance(msg["name"], str):
+            raise ApiError(400, f"{where}.name must be a string", where)
+        role = "system" if role == "developer" else role
         content = msg.get("content")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
@@ -139,75 +204,116 @@ def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[byte
     return out, images
 
 
-def _parts(parts: list[Any], where: str, images: list[bytes], limits: Limits) -> list[dict]:
+def _parts(parts: list[Any], where: str, images: list[Image], limits: Limits) -> list[dict]:
     out: list[dict[str, Any]] = []
     for j, part in enumerate(parts):
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{at}: text must be a string", at)
             out.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str):
-                raise ApiError(400, f"{at}: image_url.url must be a string", at)
-            if len(images) >= limits.max_images:
-                raise ApiError(400, f"too many images: at most {limits.max_images} per request", at)
-            try:
-                images.append(load_image_url(url, limits.allowed_media_dir, limits.max_image_bytes))
-            except MediaError as e:
-                status = 413 if "over the limit" in str(e) else 400
-                raise ApiError(status, f"{at}: {e}", at) from None
-            out.append({"type": "image"})
-        elif kind == "image_bytes" and isinstance(part.get("data"), bytes):  # gRPC only
-            if len(images) >= limits.max_images:
-                raise ApiError(400, f"too many images: at most {limits.max_images} per request", at)
-            try:
-                images.append(check_image_bytes(part["data"], limits.max_image_bytes))
-            except MediaError as e:
-                status = 413 if "over the limit" in str(e) else 400
-                raise ApiError(status, f"{at}: {e}", at) from None
-            out.append({"type": "image"})
-        else:
-            raise ApiError(400, f"{at}: unsupported content part type {kind!r}", at)
+            continue
+        if kind not in ("image_url", "image_bytes"):
+            raise ApiError(400, f"{at}: unsupported content part type {_show(kind)}", at)
+        if len(images) >= limits.images.max_images_per_request:
+            raise ApiError(
+                400, f"too many images: at most {limits.images.max_images_per_request} per "
+                "request", at,
+            )  # fmt: skip
+        try:
+            images.append(_image(part, at, limits))
+        except MediaError as e:
+            raise ApiError(413 if e.too_large else 400, f"{at}: {e}", at) from None
+        out.append({"type": "image"})
     return out
+
+
+def _image(part: dict[str, Any], at: str, limits: Limits) -> Image:
+    if part["type"] == "image_bytes":  # gRPC only: raw bytes
+        if not isinstance(part.get("data"), bytes):
+            raise ApiError(400, f"{at}: data must be bytes", at)
+        return read_image(part["data"], limits.images)
+    ref = part.get("image_url")
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise ApiError(400, f"{at}: image_url.url must be a string", at)
+    if isinstance(ref, dict) and ref.get("detail") not in (None, "auto", "low", "high"):
+        raise ApiError(400, f"{at}: image_url.detail must be auto, low or high", at)
+    return load_image_url(url, limits.allowed_media_dir, limits.images)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that does not take True for 1 or 1.0 for 1."""
+    return type(a) is type(b) and a == b
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+def _bool(body: dict[str, Any], name: str, param: str | None = None) -> bool:
     v = body.get(name)
     if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-        raise ApiError(400, f"{name} must be a number in [{lo}, {hi}], got {v!r}", name)
-    return float(v) if isinstance(default, float) else v
+        return False
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{param or name} must be a boolean, got {_show(v)}", param or name)
+    return v
 
 
-def _optional_int(body: dict[str, Any], name: str) -> int | None:
+def _get(body: dict[str, Any], name: str, default: Any) -> Any:
     v = body.get(name)
-    if v is not None and not _is_int(v):
-        raise ApiError(400, f"{name} must be an integer", name)
-    return v
+    return default if v is None else v
 
 
-def _int_list(body: dict[str, Any], name: str) -> list[int]:
-    v = body.get(name) or []
-    if not isinstance(v, list) or not all(_is_int(x) and x >= 0 for x in v):
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        v = body.get(name)
+        if v is not None:
+            if not _is_int(v) or v <= 0:
+                raise ApiError(400, f"{name} must be a positive integer, got {_show(v)}", name)
+            return int(v)
+    return None
+
+
+def _top_k(body: dict[str, Any]) -> Any:
+    v = body.get("top_k")
+    return 0 if v is None or (_is_int(v) and v == -1) else v  # -1: vLLM's spelling of "off"
+
+
+def _seed(body: dict[str, Any]) -> int | None:
+    v = body.get("seed")
+    if v is None:
+        return None
+    if not _is_int(v) or not -(1 << 63) <= v <= MAX_SEED:
+        raise ApiError(400, "seed must be a 64-bit integer", "seed")
+    return int(v) & MAX_SEED  # negative seeds as their two's complement, as numpy takes them
+
+
+def _token_ids(body: dict[str, Any], name: str) -> tuple[Any, ...]:
+    v = body.get(name)
+    if v is None:
+        return ()
+    if not isinstance(v, list):
         raise ApiError(400, f"{name} must be a list of token ids", name)
-    return v
+    return tuple(v)
 
 
 def _stop(v: Any) -> list[str]:
     if v is None:
         return []
     if isinstance(v, str):
-        return [v]
-    if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= 16:
+        return [v] if v else []
+    if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= MAX_STOP_STRINGS:
         return [s for s in v if s]
-    raise ApiError(400, "stop must be a string or a list of at most 16 strings", "stop")
+    raise ApiError(
+        400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop"
+    )
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---- responses ----

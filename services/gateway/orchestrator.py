@@ -1,15 +1,25 @@
 """One chat request through the disaggregated system.
 
-1. Pick the language replica with the fewest outstanding requests (its host id tells encoders
-   whether shared memory can reach it).
-2. Render the chat template, tokenize.
+1. Render the chat template and tokenize (off the event loop for long prompts); expand each
+   image placeholder to the image's token count, predicted from its size as the encoder will
+   resize it (`common.contract.images`).
+2. Pick the language replica with the fewest outstanding requests; its `ReplicaInfo` (cached)
+   gives `max_model_len` and its host id (encoders on that host may use shared memory). The
+   prompt is checked against it (`check_prompt`): a bad request is refused before any encoder
+   works on it.
 3. Encode every image in parallel, each on the encoder ranked first for its content hash
    (rendezvous hashing: cache affinity), retrying on the least-loaded other encoders when it
    fails or does not answer within `encode_timeout_s`.
-4. Expand each image placeholder to the image's token count and stream `Language.Generate`.
-   A replica that cannot be reached before the first token (stopping, dead, not yet caught by
-   health checks) is marked down and the request starts over on another one, images included:
-   their handles may be bound to the first replica's host.
+4. Stream `Language.Generate`. Before the first token, a failure is blamed on the role that
+   caused it (`common.contract.faults`):
+   - an image the replica could not pull (its encoder died, its lease ended, ...): the images
+     are encoded again, away from that encoder, and the request retried on the same replica;
+   - the replica itself unreachable, or not serving: it is marked down and the request starts
+     over on another replica, images included (their handles may be bound to the first
+     replica's host);
+   - the replica full: another replica, else 429 with Retry-After.
+   Everything stays within the request's deadline (`request_timeout_s`). Handles that will not
+   be pulled are released at their encoder at once instead of waiting for their lease.
 5. Detokenize incrementally, apply stop strings (aborting the generation downstream), and report
    usage and per-stage timings at the end.
 """
@@ -17,23 +27,51 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from common.config import ModelConfig
-from common.rpc import encoder_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
+from common.contract import (
+    Cause,
+    ContractError,
+    Fault,
+    FinishReason,
+    ImageRef,
+    PreprocessConfig,
+    PromptLimits,
+    ReplicaInfo,
+    check_prompt,
+    expand_image_pads,
+    fault_of,
+    image_grid,
+    image_token_count,
+)
+from common.contract.wire import (
+    finish_from_proto,
+    generate_request,
+    image_ref_from_encoded,
+    replica_info_from_proto,
+)
+from common.rpc import (
+    encoder_pb2,
+    encoder_pb2_grpc,
+    language_pb2,
+    language_pb2_grpc,
+    tensor_pb2,
+    tensor_pb2_grpc,
+)
 from common.tokenizer import ChatTokenizer
 from services.gateway.backends import Backend, BackendPool
 from services.gateway.detokenizer import IncrementalDetokenizer
-from services.gateway.media import content_hash
+from services.gateway.media import Image
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_protocol import ApiError, ChatRequest
-from services.language.inputs import expand_image_pads
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +84,22 @@ _RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
 }
-FINISH = {
-    language_pb2.FINISH_REASON_STOP: "stop",
-    language_pb2.FINISH_REASON_LENGTH: "length",
-    language_pb2.FINISH_REASON_ABORT: "abort",
-    language_pb2.FINISH_REASON_ERROR: "error",
-}
+# Image pulls that a fresh encode fixes (an encoder gone, a handle lost or expired, a pull too
+# slow, bytes damaged on the way, a shm handle sent to the wrong host).
+_IMAGE_RETRYABLE = {"producer_lost", "not_found", "expired", "timeout", "checksum", "wrong_host",
+                    "error"}  # fmt: skip
+_TOKENIZE_INLINE_CHARS = 16 * 1024  # longer prompts are tokenized off the event loop
+_RELEASE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
     encode_timeout_s: float = 30.0  # one Encode attempt; a frozen encoder costs at most this
-    generate_timeout_s: float = 600.0  # the whole Language.Generate stream
-    max_encode_attempts: int = 3
-    # Language replicas tried for one request when one is unreachable before its first token
-    # (a replica stopping or dead that health checks have not caught yet).
-    max_generate_attempts: int = 2
+    request_timeout_s: float = 600.0  # the whole request: encodes, retries and generation
+    max_encode_attempts: int = 3  # encoders tried for one image in one round
+    max_image_rounds: int = 3  # encode + Generate rounds when images fail to be pulled
+    max_generate_attempts: int = 2  # language replicas tried when one is unreachable or full
+    max_in_flight: int = 1024  # requests at once beyond which new ones get 429
 
 
 @dataclass
@@ -82,11 +120,17 @@ class Final:
 
 @dataclass
 class _Encoded:
-    ref: language_pb2.ImageRef
-    n_tokens: int
+    ref: ImageRef
+    backend: Backend  # the encoder holding the tensor (it also serves TensorStore)
     seconds: float  # the Encode call as the gateway saw it
     preprocess_s: float  # inside the encoder (0 on a cache hit)
     forward_s: float
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    ids: list[int]  # image placeholders expanded
+    counts: list[int]  # image tokens per image, predicted from its size
 
 
 class Orchestrator:
@@ -98,70 +142,150 @@ class Orchestrator:
         language: BackendPool,
         metrics: GatewayMetrics,
         options: OrchestratorConfig | None = None,
+        preprocess: PreprocessConfig | None = None,
     ) -> None:
+        """`preprocess`: the checkpoint's image-processor settings (VL models)."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.encoders, self.language = encoders, language
         self.metrics = metrics
         self.options = options or OrchestratorConfig()
+        self.preprocess = preprocess
+        self.in_flight = 0
+        self._releases: set[asyncio.Task[None]] = set()
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """One request's place among the in-flight ones; 429 when they are all taken."""
+        if self.in_flight >= self.options.max_in_flight:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise ApiError(
+                429, f"{self.in_flight} requests in flight, the most this gateway takes "
+                "(--max-in-flight-requests); retry later", retry_after=1.0,
+            )  # fmt: skip
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    async def max_model_len(self) -> int | None:
+        """The smallest max_model_len of the healthy replicas (what any request may use)."""
+        lens = []
+        for b in self.language.healthy:
+            with contextlib.suppress(_Unreachable):
+                lens.append((await self._info(b)).max_model_len)
+        return min(lens, default=None)
 
     async def chat(self, req: ChatRequest) -> AsyncGenerator[Delta | Final, None]:
         started = time.monotonic()
+        deadline = started + self.options.request_timeout_s
+        prompt = await self._prompt(req)
         tried: list[Backend] = []
         while True:
             backend = self.language.least_loaded(exclude=tried)
             if backend is None:
                 seen = f" (tried {', '.join(b.address for b in tried)})" if tried else ""
-                raise ApiError(503, f"no healthy language service{seen}")
+                raise ApiError(503, f"no healthy language service{seen}", retry_after=1.0)
+            backend.outstanding += 1  # from the choice on, so concurrent requests spread out
             try:
-                async for item in self._chat_on(backend, req):
+                async for item in self._on_replica(backend, req, prompt, deadline):
                     yield item
             except _Unreachable as e:  # raised before anything was yielded
-                self.language.mark_down(backend, e.reason)
                 tried.append(backend)
+                if e.mark_down:
+                    self.language.mark_down(backend, e.reason)
+                self.metrics.language_retries.labels(e.cause).inc()
                 if len(tried) >= self.options.max_generate_attempts:
-                    raise ApiError(503, f"language service: {e.reason}") from None
-                self.metrics.language_retries.inc()
+                    if e.cause == "busy":
+                        raise ApiError(429, f"language service busy: {e.reason}",
+                                       retry_after=1.0) from None  # fmt: skip
+                    raise ApiError(503, f"language service: {e.reason}", retry_after=1.0) from None
                 continue
+            finally:
+                backend.outstanding -= 1
             self.metrics.e2e.observe(time.monotonic() - started)
             return
 
-    async def _chat_on(
-        self, backend: Backend, req: ChatRequest
-    ) -> AsyncGenerator[Delta | Final, None]:
-        """The request on one language replica. Raises _Unreachable before its first item if
-        the replica cannot be reached (images are encoded again for the next one: their
-        handles may be bound to this replica's host)."""
-        info = await self._info(backend)
+    async def _prompt(self, req: ChatRequest) -> _Prompt:
+        """Template, tokens and image placeholders; ApiError 400 for what cannot be."""
+        counts = [self._image_tokens(i, img) for i, img in enumerate(req.images)]
         try:
-            prompt = self.tokenizer.encode(self.tokenizer.render(req.messages))
+            if _text_chars(req.messages) > _TOKENIZE_INLINE_CHARS:
+                ids = await asyncio.to_thread(self._tokenize, req.messages)
+            else:
+                ids = self._tokenize(req.messages)
+            if req.images:
+                assert self.cfg.image_token_id is not None
+                ids = expand_image_pads(ids, self.cfg.image_token_id, counts)
+        except (ValueError, UnicodeError) as e:
+            raise ApiError(400, f"messages: {e}", "messages") from None
+        return _Prompt(ids, counts)
+
+    def _tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.render(messages))
+
+    def _image_tokens(self, index: int, image: Image) -> int:
+        if self.cfg.vision is None or self.preprocess is None:
+            raise ApiError(400, "this model takes no images", "messages")
+        if self.encoders is None:
+            raise ApiError(400, "this gateway has no encoders (--encoders): it takes no images",
+                           "messages")  # fmt: skip
+        try:
+            grid = image_grid(image.width, image.height, self.preprocess)
         except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
-        images: list[_Encoded] = []
-        if req.images:
-            if self.cfg.image_token_id is None or self.encoders is None:
-                raise ApiError(400, "this model takes no images", "messages")
-            images = await self._encode_all(req.images, str(info.get("host_id", "")))
-            prompt = expand_image_pads(
-                prompt, self.cfg.image_token_id, [e.n_tokens for e in images]
-            )
-        context = int(str(info.get("max_context_tokens") or self.cfg.text.max_position_embeddings))
-        if len(prompt) >= context:
-            raise ApiError(400, f"prompt is {len(prompt)} tokens; the context is {context}")
-        max_tokens = min(req.max_tokens or context, context - len(prompt))
-        # Images are encoded in parallel: the slowest one is the stage's cost.
-        slowest = max(images, key=lambda e: e.seconds, default=None)
-        timings = {"preprocess": 0.0, "encode": 0.0}
-        if slowest is not None:
-            timings["preprocess"] = slowest.preprocess_s
-            timings["encode"] = slowest.seconds - slowest.preprocess_s
-        generate = language_pb2.GenerateRequest(
-            request_id=req.request_id,
-            prompt_token_ids=prompt,
-            images=[e.ref for e in images],
-            sampling=_sampling(req, max_tokens),
-        )
-        async for item in self._generate(backend, generate, req, timings):
-            yield item
+            raise ApiError(400, f"image {index}: {e}", "messages") from None
+        return image_token_count(grid, self.cfg.vision.spatial_merge_size)
+
+    async def _on_replica(
+        self, backend: Backend, req: ChatRequest, prompt: _Prompt, deadline: float
+    ) -> AsyncGenerator[Delta | Final, None]:
+        """The request on one language replica. Raises _Unreachable before its first item when
+        the replica cannot take it; re-encodes the images when the replica could not pull one."""
+        info = await self._info(backend)
+        merge = self.cfg.vision.spatial_merge_size if self.cfg.vision else 2
+        limits = PromptLimits(info.vocab_size, info.max_model_len, self.cfg.image_token_id, merge)
+        try:
+            check_prompt(prompt.ids, prompt.counts, req.params, limits)
+        except ContractError as e:
+            raise ApiError(400, str(e), e.param) from None
+        avoid: dict[int, set[str]] = {}  # image -> encoders that lost it in an earlier round
+        for round_ in range(1, self.options.max_image_rounds + 1):
+            images = await self._encode_all(req.images, info.host_id, avoid, deadline)
+            timings = _encode_timings(images)
+            try:
+                for i, (enc, want) in enumerate(zip(images, prompt.counts, strict=True)):
+                    if enc.ref.n_tokens != want:
+                        raise ApiError(502, f"image {i}: the encoder made {enc.ref.n_tokens} "
+                                       f"tokens of it, the gateway expected {want} (do both "
+                                       "read the same checkpoint?)")  # fmt: skip
+                refs = [enc.ref for enc in images]
+                request = generate_request(req.request_id, prompt.ids, refs, req.params)
+                async for item in self._generate(backend, request, req, timings, deadline):
+                    yield item
+                return
+            except _ImageFault as f:
+                self._release(images)
+                fault = f.fault
+                i = fault.image_index if fault.image_index is not None else 0
+                self.metrics.image_retries.labels(fault.reason or "unknown").inc()
+                log.warning("%s: image %d could not be pulled (%s, round %d): %s",
+                            req.request_id, i, fault.reason, round_, fault.message)  # fmt: skip
+                if fault.reason not in _IMAGE_RETRYABLE:
+                    raise ApiError(502, f"language service: {fault.message}") from None
+                if i < len(images) and fault.reason in ("producer_lost", "timeout"):
+                    lost = images[i].backend
+                    avoid.setdefault(i, set()).add(lost.address)
+                    if fault.reason == "producer_lost" and self.encoders is not None:
+                        self.encoders.mark_down(lost, f"lost image {i} of {req.request_id}")
+                if time.monotonic() >= deadline:
+                    raise ApiError(504, f"request deadline passed: {fault.message}") from None
+            except BaseException:
+                self._release(images)
+                raise
+        raise ApiError(502, f"images could not be delivered in {self.options.max_image_rounds} "
+                       "rounds; see the gateway's log")  # fmt: skip
 
     async def _generate(
         self,
@@ -169,11 +293,11 @@ class Orchestrator:
         request: language_pb2.GenerateRequest,
         req: ChatRequest,
         timings: dict[str, float],
+        deadline: float,
     ) -> AsyncIterator[Delta | Final]:
         stub = language_pb2_grpc.LanguageStub(backend.channel)
         detok = IncrementalDetokenizer(self.tokenizer, req.stop)
-        call = stub.Generate(request, timeout=self.options.generate_timeout_s)
-        backend.outstanding += 1
+        call = stub.Generate(request, timeout=max(0.001, deadline - time.monotonic()))
         completion, first = 0, True
         t0 = time.monotonic()
         try:
@@ -195,23 +319,20 @@ class Orchestrator:
                 rest = detok.finish()
                 if rest:
                     yield Delta(rest, [])
-                if f.reason == language_pb2.FINISH_REASON_ERROR:
+                reason = finish_from_proto(f.reason)
+                if reason == FinishReason.ERROR:
                     raise ApiError(500, f"generation failed: {f.error}")
-                yield self._final(
-                    FINISH[f.reason],
-                    request,
-                    f.usage.completion_tokens,
-                    f.usage.cached_tokens,
-                    timings,
-                    f.timings,
-                )
+                yield self._final(str(reason), request, f.usage.completion_tokens,
+                                  f.usage.cached_tokens, timings, f.timings)  # fmt: skip
                 return
         except grpc.aio.AioRpcError as e:
-            if first and e.code() == grpc.StatusCode.UNAVAILABLE:
-                raise _Unreachable(f"{backend.address}: {e.details() or 'unavailable'}") from None
-            raise _language_error(e) from None
+            fault = fault_of(e)
+            if first:
+                _raise_retryable(backend, e, fault)
+            elif fault is None and e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.language.mark_down(backend, e.details() or "connection lost")
+            raise _language_error(e, fault) from None
         finally:
-            backend.outstanding -= 1
             if not call.done():
                 call.cancel()
 
@@ -230,39 +351,61 @@ class Orchestrator:
             )
         return Final(reason, len(request.prompt_token_ids), completion, cached, timings)
 
-    async def _info(self, backend: Backend) -> dict[str, object]:
-        if not backend.info:
+    async def _info(self, backend: Backend) -> ReplicaInfo:
+        if backend.info is None:
             stub = language_pb2_grpc.LanguageStub(backend.channel)
             try:
                 reply = await stub.GetInfo(language_pb2.GetInfoRequest(), timeout=5.0)
             except grpc.aio.AioRpcError as e:
-                raise _Unreachable(f"{backend.address}: {e.details() or e.code().name}") from None
-            backend.info = {
-                "host_id": reply.host_id,
-                "max_context_tokens": reply.max_context_tokens,
-            }
+                reason = f"{backend.address}: {e.details() or e.code().name}"
+                raise _Unreachable(reason, "unreachable") from None
+            backend.info = replica_info_from_proto(reply)
+        assert isinstance(backend.info, ReplicaInfo)
         return backend.info
 
-    async def _encode_all(self, images: list[bytes], consumer_host: str) -> list[_Encoded]:
-        tasks = [self._encode_one(i, data, consumer_host) for i, data in enumerate(images)]
-        return list(await asyncio.gather(*tasks))
+    async def _encode_all(
+        self,
+        images: Sequence[Image],
+        consumer_host: str,
+        avoid: dict[int, set[str]],
+        deadline: float,
+    ) -> list[_Encoded]:
+        """Every image encoded, in parallel; on any failure the others are released."""
+        tasks = [self._encode_one(i, img, consumer_host, avoid.get(i, set()), deadline)
+                 for i, img in enumerate(images)]  # fmt: skip
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        done = [r for r in results if isinstance(r, _Encoded)]
+        for r in results:
+            if isinstance(r, BaseException):
+                self._release(done)
+                raise r
+        return done
 
-    async def _encode_one(self, index: int, data: bytes, consumer_host: str) -> _Encoded:
+    async def _encode_one(
+        self, index: int, image: Image, consumer_host: str, avoid: set[str], deadline: float
+    ) -> _Encoded:
         assert self.encoders is not None
-        key = content_hash(data)
         tried: list[str] = []
         request = encoder_pb2.EncodeRequest(
-            images=[encoder_pb2.ImageData(data=data, content_hash=key)], consumer_host=consumer_host
+            images=[encoder_pb2.ImageData(data=image.data, content_hash=image.sha256)],
+            consumer_host=consumer_host,
         )
-        # The encoder that owns this content hash first (its cache), then the least loaded.
-        ranked = self.encoders.rank(key)
+        # The encoder that owns this content hash first (its cache), then the least loaded;
+        # encoders that lost this image in an earlier round go last.
+        ranked = self.encoders.rank(image.sha256)
         order = ranked[:1] + sorted(ranked[1:], key=lambda b: b.outstanding)
+        order = [b for b in order if b.address not in avoid] + [
+            b for b in order if b.address in avoid
+        ]
         for backend in order[: self.options.max_encode_attempts]:
             stub = encoder_pb2_grpc.EncoderStub(backend.channel)
             backend.outstanding += 1
             t0 = time.monotonic()
+            timeout = min(self.options.encode_timeout_s, deadline - t0)
+            if timeout <= 0:
+                raise ApiError(504, f"image {index}: request deadline passed before encoding")
             try:
-                reply = await stub.Encode(request, timeout=self.options.encode_timeout_s)
+                reply = await stub.Encode(request, timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     detail = (e.details() or "").removeprefix("image 0: ")
@@ -272,49 +415,63 @@ class Orchestrator:
                 tried.append(f"{backend.address} ({e.code().name})")
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.encoders.mark_down(backend, e.code().name)
-                self.metrics.encoder_retries.inc()
+                self.metrics.encoder_retries.labels(e.code().name).inc()
                 continue
             finally:
                 backend.outstanding -= 1
             out = reply.images[0]
             self.metrics.images.labels("hit" if out.cache_hit else "miss").inc()
-            g = out.grid_thw
-            ref = language_pb2.ImageRef(
-                handle=out.handle,
-                grid_thw=language_pb2.GridTHW(t=g.t, h=g.h, w=g.w),
-                image_hash=out.image_hash,
-            )
-            return _Encoded(
-                ref,
-                out.n_tokens,
-                time.monotonic() - t0,
-                out.preprocess_seconds,
-                out.encode_seconds,
-            )
+            return _Encoded(image_ref_from_encoded(out), backend, time.monotonic() - t0,
+                            out.preprocess_seconds, out.encode_seconds)  # fmt: skip
         detail = "; ".join(tried) if tried else "no healthy encoder"
-        raise ApiError(503, f"image {index}: could not be encoded: {detail}")
+        raise ApiError(503, f"image {index}: could not be encoded: {detail}", retry_after=1.0)
+
+    def _release(self, images: Sequence[_Encoded]) -> None:
+        """Free handles that will not be pulled now, at their encoders (best effort, in the
+        background; an already acknowledged or unknown id is no error)."""
+        for e in images:
+            task = asyncio.create_task(_release_one(e))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
 
-def _sampling(req: ChatRequest, max_tokens: int) -> language_pb2.SamplingParams:
-    s = req.sampling
-    p = language_pb2.SamplingParams(
-        max_tokens=max_tokens,
-        temperature=s["temperature"],
-        top_p=s["top_p"],
-        top_k=s["top_k"],
-        min_p=s["min_p"],
-        repetition_penalty=s["repetition_penalty"],
-        presence_penalty=s["presence_penalty"],
-        frequency_penalty=s["frequency_penalty"],
-        stop_token_ids=list(s["stop_token_ids"]),
-        ignore_eos=s["ignore_eos"],
-        min_tokens=min(s["min_tokens"], max_tokens),
-    )
-    if s["seed"] is not None:
-        p.seed = s["seed"] & ((1 << 64) - 1)
-    if s["logprobs"] is not None:
-        p.logprobs = s["logprobs"]
-    return p
+async def _release_one(e: _Encoded) -> None:
+    stub = tensor_pb2_grpc.TensorStoreStub(e.backend.channel)
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await stub.ReleaseTensor(
+            tensor_pb2.ReleaseTensorRequest(id=e.ref.handle.id), timeout=_RELEASE_TIMEOUT_S
+        )
+
+
+def _encode_timings(images: Sequence[_Encoded]) -> dict[str, float]:
+    """Images are encoded in parallel: the slowest one is the stage's cost."""
+    slowest = max(images, key=lambda e: e.seconds, default=None)
+    if slowest is None:
+        return {"preprocess": 0.0, "encode": 0.0}
+    return {"preprocess": slowest.preprocess_s, "encode": slowest.seconds - slowest.preprocess_s}
+
+
+def _text_chars(messages: list[dict[str, Any]]) -> int:
+    n = 0
+    for m in messages:
+        c = m["content"]
+        n += len(c) if isinstance(c, str) else sum(len(p.get("text", "")) for p in c)
+    return n
+
+
+def _raise_retryable(backend: Backend, e: grpc.aio.AioRpcError, fault: Fault | None) -> None:
+    """Before the first token: raise what lets `chat` or `_on_replica` try again, if anything."""
+    code = e.code()
+    if fault is None and code == grpc.StatusCode.UNAVAILABLE:  # the connection, not a servicer
+        raise _Unreachable(f"{backend.address}: {e.details() or 'unavailable'}", "unreachable")
+    if fault is None:
+        return
+    if fault.cause == Cause.IMAGE:
+        raise _ImageFault(fault)
+    if fault.cause == Cause.REPLICA and code == grpc.StatusCode.UNAVAILABLE:
+        raise _Unreachable(f"{backend.address}: {fault.message}", "not_serving")
+    if fault.cause == Cause.REPLICA and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        raise _Unreachable(f"{backend.address}: {fault.message}", "busy", mark_down=False)
 
 
 def _logprobs(
@@ -345,19 +502,27 @@ def _token_text(tokenizer: ChatTokenizer, token_id: int) -> str:
 
 
 class _Unreachable(Exception):
-    """A language replica failed before the request's first token: safe to try another."""
+    """A language replica cannot take the request (before its first token): try another."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, cause: str, mark_down: bool = True) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.cause, self.mark_down = reason, cause, mark_down
 
 
-def _language_error(e: grpc.aio.AioRpcError) -> ApiError:
+class _ImageFault(Exception):
+    """The replica could not pull one of the request's images (before the first token)."""
+
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(fault.message)
+        self.fault = fault
+
+
+def _language_error(e: grpc.aio.AioRpcError, fault: Fault | None) -> ApiError:
     code = e.code()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    if code == grpc.StatusCode.INVALID_ARGUMENT and (fault is None or fault.cause == Cause.REQUEST):
         return ApiError(400, e.details() or "invalid request")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(429, e.details() or "language service busy")
+        return ApiError(429, e.details() or "language service busy", retry_after=1.0)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ApiError(504, e.details() or "generation timed out")
-    return ApiError(503, f"language service: {e.details() or code.name}")
+    return ApiError(503, f"language service: {e.details() or code.name}", retry_after=1.0)

@@ -36,13 +36,13 @@ import torch
 from bench import engine_cuda
 from bench.generate import synthetic_image
 from bench.hf import HFReference, HFRequest
+from common.contract import SamplingParams
 from common.dtypes import DTYPES
 from common.tokenizer import ChatTokenizer
 from common.torch_thread import call_on_torch_thread, run_on_torch_thread
 from services.colocated import ColocatedPipeline
 from services.language.engine.engine import Engine, ImageInput
 from services.language.engine.model_runner import ModelRunner
-from services.language.engine.request import SamplingParams
 from services.language.engine.scheduler import SchedulerConfig
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
@@ -106,7 +106,7 @@ def build_workload(pipe: ColocatedPipeline, n: int, seed: int) -> list[Work]:
         raw = [synthetic_image(224, 224, seed * 1000 + i)] if i % 4 == 0 and pipe.vision else []
         tensors, grids = pipe.encode_images(raw) if raw else ([], [])
         ids = pipe.prompt_ids(prompt, len(raw), [t.shape[0] for t in tensors])
-        images = [ImageInput(t, g, f"w{i}") for t, g in zip(tensors, grids, strict=True)]
+        images = [ImageInput.of(t, g) for t, g in zip(tensors, grids, strict=True)]
         work.append(Work(ids, images, raw, prompt, rng.choice([16, 32, 48, 64])))
     return work
 

@@ -31,9 +31,9 @@ import torch
 
 from bench.kernels import peaks
 from common.config import ModelConfig, TextConfig
+from common.contract import SamplingParams
 from services.language.engine.engine import Engine
 from services.language.engine.model_runner import ModelRunner
-from services.language.engine.request import SamplingParams
 from services.language.engine.scheduler import SchedulerConfig
 from services.language.model import Qwen3MoeForCausalLM
 from services.tiny_model import PRESETS, preset_text_config

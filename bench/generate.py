@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from bench.hf import HFReference, HFRequest
+from common.contract import SamplingParams
 from common.dtypes import DTYPES
 from services.colocated import ColocatedPipeline
-from services.language.engine.request import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

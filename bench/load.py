@@ -7,8 +7,10 @@ requests or `--duration` seconds. Each request carries `--images` synthetic imag
 throughput and TTFT / TPOT / end-to-end percentiles, and errors by status.
 
 `--compare-colocated` also runs the same requests through the in-process colocated pipeline
-(`epd generate`'s code path; it handles one request at a time) in this same run and prints the
-ratio. At concurrency 1 the two systems take turns request by request (which one goes first
+(`epd generate`'s code path: the same tower and the same batching engine as the services, without
+transfers, RPCs or processes) in this same run, at the same concurrency, and prints the ratio:
+what disaggregation costs or gains, and nothing else. Each row reports the concurrency it ran at.
+At concurrency 1 the two systems take turns request by request (which one goes first
 alternates), so slow drifts of a shared machine land on both alike; at higher concurrency, or
 with `--no-interleave`, the colocated run follows the gateway run. The gateway is given by
 `--url`, or started here with `--start-stack` (`epd up` in-process).
@@ -30,6 +32,7 @@ import aiohttp
 from tqdm import tqdm
 
 from bench.generate import synthetic_image
+from common.contract import SamplingParams
 
 WORDS = ["picture", "describe", "colour", "shape", "light", "scene", "object", "detail", "left",
          "right", "top", "bottom", "small", "large", "bright", "dark"]  # fmt: skip
@@ -192,32 +195,46 @@ def _data_url(data: bytes) -> str:
 
 
 class Colocated:
-    """The in-process pipeline answering the workload's requests one at a time (it cannot
-    batch). TTFT is preprocess + encode + prefill, the stages before the first token."""
+    """The colocated pipeline (`epd generate`'s code: the encoder's preprocessing and tower and
+    the language service's engine, in this process, without transfers or RPCs) answering the
+    same requests at the same concurrency as the stack. TTFT is from the request's start (its
+    images encoded) to its first token, as a streaming client sees it."""
 
     def __init__(self, args: argparse.Namespace, work: Workload) -> None:
         from services.colocated import ColocatedPipeline
-        from services.language.engine.request import SamplingParams
 
         self.pipe = ColocatedPipeline(args.model_dir)
         self.work = work
         self.params = SamplingParams(max_tokens=work.output_tokens, ignore_eos=True)
-        self.pipe.generate(work.images[0], work.prompts[0], SamplingParams(max_tokens=2))  # warm
 
-    def request(self, i: int) -> Result:
+    async def request(self, i: int) -> Result:
         t0 = time.perf_counter()
-        out = self.pipe.generate(self.work.images[i], self.work.prompts[i], self.params)
-        t = out.timings
-        ttft = t["preprocess"] + t["encode"] + t["prefill"]
-        return Result(True, ttft, time.perf_counter() - t0, len(out.token_ids), "ok")
+        ttft, tokens = 0.0, 0
+        try:
+            ids, images = await self.pipe.inputs(self.work.images[i], self.work.prompts[i], {})
+            async for event in self.pipe.stream(ids, images, self.params):
+                if event.sample is not None:
+                    tokens += 1
+                    ttft = ttft or time.perf_counter() - t0
+        except (ValueError, RuntimeError) as e:
+            return Result(False, status=type(e).__name__)
+        return Result(True, ttft, time.perf_counter() - t0, tokens, "ok")
 
 
-def run_colocated(args: argparse.Namespace, work: Workload, col: Colocated) -> dict[str, Any]:
-    """Every request through the colocated pipeline, one after another."""
-    results = []
+async def run_colocated(args: argparse.Namespace, work: Workload, col: Colocated) -> dict[str, Any]:
+    """Every request through the colocated pipeline, `--concurrency` at a time (closed loop)."""
+    results: list[Result] = []
+    pending = list(range(len(work.prompts)))
+    bar = tqdm(total=len(pending), leave=False, desc="colocated", unit="req")
+
+    async def client() -> None:
+        while pending:
+            results.append(await col.request(pending.pop(0)))
+            bar.update(1)
+
     start = time.perf_counter()
-    for i in tqdm(range(len(work.prompts)), leave=False, desc="colocated", unit="req"):
-        results.append(col.request(i))
+    await asyncio.gather(*(client() for _ in range(args.concurrency)))
+    bar.close()
     return summarize("colocated", results, time.perf_counter() - start, args)
 
 
@@ -237,7 +254,7 @@ async def run_interleaved(
                 if system == "epd":
                     r = await _request(session, url, model, work, i)
                 else:
-                    r = col.request(i)
+                    r = await col.request(i)
                 busy[system] += time.perf_counter() - t0
                 results[system].append(r)
     return [summarize(name, results[name], busy[name], args) for name in ("epd", "colocated")]
@@ -291,8 +308,6 @@ def run(args: argparse.Namespace) -> int:
             reports = asyncio.run(_measure(args, work, stack.base_url, col, interleave))
     else:
         reports = asyncio.run(_measure(args, work, args.url, col, interleave))
-    if col is not None and not interleave:
-        reports.append(run_colocated(args, work, col))
     if args.json:
         print(json.dumps({"reports": reports}))
     else:
@@ -304,10 +319,24 @@ async def _measure(
     args: argparse.Namespace, work: Workload, url: str, col: Colocated | None, interleave: bool
 ) -> list[dict[str, Any]]:
     await _warm(args, url)
-    if interleave:
-        assert col is not None
-        return await run_interleaved(args, work, url, col)
-    return [await run_gateway(args, work, url)]
+    if col is None:
+        return [await run_gateway(args, work, url)]
+    await col.pipe.engine.start()
+    try:
+        await _warm_colocated(col)
+        if interleave:
+            return await run_interleaved(args, work, url, col)
+        # The stack first, then the colocated pipeline at the same concurrency.
+        return [await run_gateway(args, work, url), await run_colocated(args, work, col)]
+    finally:
+        await col.pipe.engine.stop()
+
+
+async def _warm_colocated(col: Colocated) -> None:
+    warm = SamplingParams(max_tokens=2, ignore_eos=True)
+    ids, images = await col.pipe.inputs(col.work.images[0], col.work.prompts[0], {})
+    async for _ in col.pipe.stream(ids, images, warm):
+        pass
 
 
 async def _warm(args: argparse.Namespace, url: str) -> None:

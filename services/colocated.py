@@ -1,29 +1,40 @@
-"""The whole model in one process: preprocess -> vision tower -> decoder with deepstack -> tokens.
+"""The whole model in one process: preprocess -> vision tower -> the serving engine -> tokens.
 
-This is `epd generate` and the colocated baseline the disaggregated system is measured against.
-It uses the same model halves, preprocessing and input building as the services, with a
-contiguous KV cache for one sequence.
+This is `epd generate` and the colocated baseline the disaggregated system is measured against
+(`epd bench --compare-colocated`). It runs the services' own code with the transfer and the
+processes taken out: the encoder's preprocessing and vision tower, and the language service's
+`Engine` (continuous batching over the paged KV cache, the same scheduler and sampler), so that a
+comparison with the stack measures disaggregation and nothing else. Every torch call runs on the
+process's torch thread, as in the services.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
-from common.config import ModelConfig
+from common.contract import (
+    FinishReason,
+    PreprocessConfig,
+    SamplingParams,
+    expand_image_pads,
+    resolve_max_tokens,
+)
 from common.dtypes import torch_dtype
 from common.tokenizer import ChatTokenizer
-from services.encoder.preprocess import PreprocessConfig, preprocess
+from common.torch_thread import call_on_torch_thread, run_on_torch_thread
+from services.encoder.preprocess import preprocess
 from services.encoder.weights import load_vision_tower
-from services.language.attention import ContiguousKVCache
-from services.language.engine.request import SamplingParams
-from services.language.engine.sampler import SampleInput, make_generator, sample_rows
-from services.language.inputs import expand_image_pads, scatter_images
-from services.language.mrope import decode_positions, mrope_positions
-from services.language.weights import load_decoder
+from services.language.engine.builder import EngineConfig, build_engine
+from services.language.engine.engine import Engine, ImageInput, TokenEvent
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,21 +47,37 @@ class GenerateResult:
 
 
 class ColocatedPipeline:
-    def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        device: str = "cpu",
+        engine: EngineConfig | None = None,
+    ) -> None:
+        """`engine` overrides the engine settings (its model, dtype and device are ours)."""
         self.dtype, self.device = torch_dtype(dtype), torch.device(device)
-        self.cfg = ModelConfig.from_dir(model_dir)
+        cfg = replace(engine or EngineConfig(str(model_dir)), model=str(model_dir), dtype=dtype,
+                      device=device)  # fmt: skip
+        self.engine: Engine = call_on_torch_thread(build_engine, cfg)
+        self.cfg = self.engine.cfg
+        self.decoder = self.engine.runner.model
         self.tokenizer = ChatTokenizer(model_dir)
         self.vision = None
         if self.cfg.vision is not None:
             self.preprocess_cfg = PreprocessConfig.from_dir(model_dir)
-            self.vision = load_vision_tower(model_dir, self.cfg, self.dtype, self.device)
-        self.decoder = load_decoder(model_dir, self.cfg, self.dtype, self.device)
-        self.eos_ids = set(self.tokenizer.eos_token_ids or self.cfg.eos_token_ids)
+            self.vision = call_on_torch_thread(
+                load_vision_tower, model_dir, self.cfg, self.dtype, self.device
+            )
 
     def encode_images(
-        self, images: list[bytes], timings: dict[str, float] | None = None
-    ) -> tuple[list[torch.Tensor], list[tuple]]:
+        self, images: Sequence[bytes], timings: dict[str, float] | None = None
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
         """Wire tensors `[n_tokens, (1+D)*H]` and patch grids of the images, one forward."""
+        return call_on_torch_thread(self._encode, list(images), timings)
+
+    def _encode(
+        self, images: list[bytes], timings: dict[str, float] | None
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
         if self.vision is None:
             raise ValueError(f"{self.cfg.model_type} checkpoint takes no images")
         t0 = time.perf_counter()
@@ -75,71 +102,84 @@ class ColocatedPipeline:
             ids = expand_image_pads(ids, self.cfg.image_token_id, counts)
         return ids
 
-    @torch.inference_mode()
-    def generate(self, images: list[bytes], prompt: str, params: SamplingParams) -> GenerateResult:
-        timings = {"preprocess": 0.0, "encode": 0.0}
-        embeds_list, grids = self.encode_images(images, timings) if images else ([], [])
-        counts = [e.shape[0] for e in embeds_list]
-        ids = self.prompt_ids(prompt, len(images), counts)
-        return self.generate_from_ids(ids, embeds_list, grids, params, timings)
+    def generate(
+        self, images: Sequence[bytes], prompt: str, params: SamplingParams
+    ) -> GenerateResult:
+        """One request, start to end (an event loop of its own runs the engine meanwhile)."""
+        return asyncio.run(self._alone(self.agenerate(images, prompt, params)))
 
-    @torch.inference_mode()
     def generate_from_ids(
         self,
         ids: list[int],
-        images: list[torch.Tensor],
-        grids: list[tuple],
+        images: Sequence[torch.Tensor],
+        grids: Sequence[tuple[int, int, int]],
         params: SamplingParams,
-        timings: dict[str, float] | None = None,
     ) -> GenerateResult:
         """Decode from already expanded prompt ids and the images' wire tensors."""
-        timings = {} if timings is None else timings
-        t0 = time.perf_counter()
-        merge = self.cfg.vision.spatial_merge_size if self.cfg.vision else 2
-        image_token = self.cfg.image_token_id if self.cfg.image_token_id is not None else -1
-        positions, delta = mrope_positions(ids, image_token, grids, merge)
-        input_ids = torch.tensor(ids, device=self.device)
-        embeds, deepstack = scatter_images(
-            self.decoder.embed(input_ids), input_ids, image_token, images, self.cfg.num_deepstack
+        inputs = [ImageInput.of(t, g) for t, g in zip(images, grids, strict=True)]
+        return asyncio.run(self._alone(self.agenerate_from_ids(ids, inputs, params, {})))
+
+    async def _alone(self, work: Coroutine[Any, Any, T]) -> T:
+        """`work` with the engine running in this event loop."""
+        await self.engine.start()
+        try:
+            return await work
+        finally:
+            await self.engine.stop()
+
+    async def agenerate(
+        self, images: Sequence[bytes], prompt: str, params: SamplingParams
+    ) -> GenerateResult:
+        """One request on the running engine (`engine.start()` first); requests run
+        concurrently batch together, as in the language service."""
+        timings: dict[str, float] = {}
+        ids, inputs = await self.inputs(images, prompt, timings)
+        return await self.agenerate_from_ids(ids, inputs, params, timings)
+
+    async def inputs(
+        self, images: Sequence[bytes], prompt: str, timings: dict[str, float]
+    ) -> tuple[list[int], list[ImageInput]]:
+        """Prompt ids and pulled-image inputs, as the language service would receive them."""
+        timings.update(preprocess=0.0, encode=0.0)
+        tensors: list[torch.Tensor] = []
+        grids: list[tuple[int, int, int]] = []
+        if images:
+            tensors, grids = await run_on_torch_thread(self._encode, list(images), timings)
+        ids = self.prompt_ids(prompt, len(images), [t.shape[0] for t in tensors])
+        return ids, [ImageInput.of(t, g) for t, g in zip(tensors, grids, strict=True)]
+
+    async def stream(
+        self, ids: list[int], images: Sequence[ImageInput], params: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
+        """The engine's events for one request. Raises ContractError (a ValueError) naming both
+        numbers when prompt + max_tokens does not fit max_model_len."""
+        budget = resolve_max_tokens(
+            len(ids), params.max_tokens, self.engine.max_model_len, params.min_tokens
         )
-        text = self.cfg.text
-        cache = ContiguousKVCache(
-            text.num_hidden_layers,
-            text.num_key_value_heads,
-            text.head_dim,
-            len(ids) + params.max_tokens,
-            self.dtype,
-            self.device,
-        )
+        async for event in self.engine.generate(ids, replace(params, max_tokens=budget), images):
+            yield event
+
+    async def agenerate_from_ids(
+        self,
+        ids: list[int],
+        images: Sequence[ImageInput],
+        params: SamplingParams,
+        timings: dict[str, float],
+    ) -> GenerateResult:
         out: list[int] = []
-        stop = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else frozenset(self.eos_ids)
-        )
-        row = SampleInput(params, make_generator(params.seed, self.device), ids, out, stop)
-        hidden = self.decoder(embeds, positions.to(self.device), cache, deepstack)
-        cache.commit(len(ids))
-        token = sample_rows(self.decoder.compute_logits(hidden[-1:]), [row])[0].token
-        timings["prefill"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out.append(token)
-        finish = "length"
-        while True:
-            if token in stop and len(out) >= params.min_tokens:
-                finish = "stop"
-                break
-            if len(out) >= params.max_tokens:
-                break
-            pos = decode_positions(cache.length, delta).to(self.device)
-            step_embeds = self.decoder.embed(torch.tensor([token], device=self.device))
-            hidden = self.decoder(step_embeds, pos, cache)
-            cache.commit(1)
-            token = sample_rows(self.decoder.compute_logits(hidden), [row])[0].token
-            out.append(token)
-        timings["decode"] = time.perf_counter() - t0
+        finish = FinishReason.LENGTH
+        async for event in self.stream(ids, images, params):
+            if event.sample is not None:
+                out.append(event.sample.token)
+            if event.finish_reason is not None:
+                finish = event.finish_reason
+                timings["prefill"], timings["decode"] = event.prefill_s, event.decode_s
+        if finish not in (FinishReason.STOP, FinishReason.LENGTH):
+            raise RuntimeError(f"generation ended with {finish}")
         return GenerateResult(
             token_ids=out,
-            text=self.tokenizer.decode(out[:-1] if finish == "stop" else out),
+            text=self.tokenizer.decode(out[:-1] if finish == FinishReason.STOP else out),
             prompt_tokens=len(ids),
-            finish_reason=finish,
+            finish_reason=str(finish),
             timings=timings,
         )

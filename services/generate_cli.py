@@ -1,4 +1,5 @@
-"""`epd generate`: run the whole model in this process on images and a prompt."""
+"""`epd generate`: run the whole model in this process on images and a prompt, through the
+serving engine (the language service's engine flags apply)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from common.dtypes import DTYPES
+from common.contract import SamplingParams
 from services.colocated import ColocatedPipeline
-from services.language.engine.request import SamplingParams
+from services.language.engine.builder import add_engine_arguments, engine_config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
     parser.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_engine_arguments(parser)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
             ignore_eos=args.ignore_eos,
         )
         images = [Path(p).read_bytes() for p in args.image]
-        pipeline = ColocatedPipeline(args.model, dtype=args.dtype, device=args.device)
+        engine = engine_config_from_args(args)
+        pipeline = ColocatedPipeline(args.model, args.dtype, args.device, engine)
         result = pipeline.generate(images, args.prompt, params)
     except (ValueError, OSError) as e:
         print(f"epd generate: error: {e}", file=sys.stderr)

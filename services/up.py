@@ -1,9 +1,12 @@
 """`epd up`: the whole system on loopback as child processes (the embedded default).
 
 Starts N encoders, one language service and the gateway, each as `python -m services.cli ROLE`,
-waits until every one reports healthy, prints the endpoints, and on Ctrl-C (or SIGTERM) stops
-them all: SIGTERM first (each drains), SIGKILL for any that outlive the grace period. Each child's
-output goes to a log file whose tail is printed if the child dies.
+waits until every one reports healthy, prints the endpoints, and then supervises them: a child
+that exits is logged and started again on the same port after a backoff (1 s, doubling up to
+30 s, back to 1 s once it has run for a minute), while the others keep serving. On Ctrl-C (or
+SIGTERM) it stops them all: SIGTERM first (each drains), SIGKILL for any that outlive the grace
+period. Each child's output goes to a log file (appended to across restarts) whose tail is
+printed if a child dies during start-up.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +32,9 @@ import grpc
 from common.grpc_bootstrap import health_check
 
 log = logging.getLogger("epd.up")
+
+BACKOFF_S = (1.0, 30.0)  # first and longest wait before restarting a child that exited
+STABLE_S = 60.0  # a child that ran this long starts over at the first backoff
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,35 @@ class StackConfig:
 
 @dataclass
 class Child:
+    """One role's process, and what it takes to start it again."""
+
+    name: str  # "encoder-0", "language", "gateway"
     role: str
-    proc: subprocess.Popen[bytes]
+    argv: list[str]
     log_path: Path
     grpc_address: str
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = BACKOFF_S[0]
+    restart_at: float | None = None  # when an exited child is started again
+
+    def spawn(self) -> None:
+        out = self.log_path.open("ab")
+        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", self.role, *self.argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches `epd up`, which stops the children in order
+        )
+        out.close()
+        self.started_at = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
@@ -63,6 +95,9 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     http_port: int = 0
     gateway_grpc: str = ""
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _supervisor: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def base_url(self) -> str:
@@ -71,92 +106,96 @@ class Stack:
     def role(self, name: str) -> list[Child]:
         return [c for c in self.children if c.role == name]
 
+    @property
+    def restarts(self) -> int:
+        return sum(c.restarts for c in self.children)
+
     def start(self, timeout: float = 300.0) -> None:
         log_dir = Path(self.cfg.log_dir or tempfile.mkdtemp(prefix="epd-up-"))
         log_dir.mkdir(parents=True, exist_ok=True)
-        common = ["--model", self.cfg.model]
+        common = ["--model", self.cfg.model, "--host", "127.0.0.1"]
         enc_addrs = []
         for i in range(self.cfg.encoders):
             port = free_port()
             enc_addrs.append(f"127.0.0.1:{port}")
-            self._spawn(
-                "encoder",
-                log_dir / f"encoder-{i}.log",
-                port,
-                [
-                    *common,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--transport",
-                    self.cfg.transport,
-                    "--dtype",
-                    self.cfg.dtype,
-                    *self.cfg.extra_encoder_args,
-                ],
-            )
+            self._add(f"encoder-{i}", "encoder", log_dir, port, [
+                *common, "--port", str(port), "--transport", self.cfg.transport,
+                "--dtype", self.cfg.dtype, *self.cfg.extra_encoder_args,
+            ])  # fmt: skip
         lang_port = free_port()
-        self._spawn(
-            "language",
-            log_dir / "language.log",
-            lang_port,
-            [
-                *common,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(lang_port),
-                "--dtype",
-                self.cfg.dtype,
-                "--kv-cache-bytes",
-                str(self.cfg.kv_cache_bytes),
-                *self.cfg.extra_language_args,
-            ],
-        )
+        self._add("language", "language", log_dir, lang_port, [
+            *common, "--port", str(lang_port), "--dtype", self.cfg.dtype,
+            "--kv-cache-bytes", str(self.cfg.kv_cache_bytes), *self.cfg.extra_language_args,
+        ])  # fmt: skip
         self._wait_grpc(timeout)
         self.http_port = self.cfg.http_port or free_port()
         gw_port = free_port()
         self.gateway_grpc = f"127.0.0.1:{gw_port}"
-        args = [*common, "--host", "127.0.0.1", "--http-port", str(self.http_port),
-                "--grpc-port", str(gw_port), "--language", f"127.0.0.1:{lang_port}",
-                "--encoders", ",".join(enc_addrs), *self.cfg.extra_gateway_args]  # fmt: skip
+        args = [*common, "--port", str(self.http_port), "--grpc-port", str(gw_port),
+                "--language", f"127.0.0.1:{lang_port}", "--encoders", ",".join(enc_addrs),
+                *self.cfg.extra_gateway_args]  # fmt: skip
         if self.cfg.api_key:
             args += ["--api-key", self.cfg.api_key]
-        self._spawn("gateway", log_dir / "gateway.log", gw_port, args)
+        self._add("gateway", "gateway", log_dir, gw_port, args)
         self._wait_http(timeout)
+        self._supervisor = threading.Thread(target=self._supervise, name="epd-up-supervisor",
+                                            daemon=True)  # fmt: skip
+        self._supervisor.start()
 
     def stop(self, grace: float = 15.0) -> None:
-        for c in reversed(self.children):  # gateway first: no new work reaches the backends
-            if c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+        with self._lock:
+            procs = [(c, c.proc) for c in reversed(self.children) if c.proc is not None]
+        for _, proc in procs:  # gateway first: no new work reaches the backends
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + grace
-        for c in self.children:
+        for c, proc in procs:
             try:
-                c.proc.wait(timeout=max(0.1, end - time.monotonic()))
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s; killing it", c.role, grace)
-                c.proc.kill()
-                c.proc.wait()
+                log.warning("%s did not stop within %.0f s; killing it", c.name, grace)
+                proc.kill()
+                proc.wait()
 
-    def _spawn(self, role: str, log_path: Path, port: int, args: list[str]) -> None:
-        out = log_path.open("wb")
-        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", role, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches `epd up`, which stops the children in order
-        )
-        out.close()
-        self.children.append(Child(role, proc, log_path, f"127.0.0.1:{port}"))
+    def _add(self, name: str, role: str, log_dir: Path, port: int, argv: list[str]) -> None:
+        child = Child(name, role, argv, log_dir / f"{name}.log", f"127.0.0.1:{port}")
+        child.spawn()
+        self.children.append(child)
+
+    def _supervise(self) -> None:
+        """Restart children that exit, with backoff, until the stack stops."""
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
+            with self._lock:
+                for c in self.children:
+                    self._tend(c, now)
+
+    def _tend(self, c: Child, now: float) -> None:
+        if c.alive or c.proc is None:
+            return
+        if c.restart_at is None:
+            if now - c.started_at >= STABLE_S:
+                c.backoff_s = BACKOFF_S[0]
+            c.restart_at = now + c.backoff_s
+            log.warning("%s (pid %d) exited with code %s; restarting it in %.0f s (log %s)",
+                        c.name, c.proc.pid, c.proc.returncode, c.backoff_s, c.log_path)  # fmt: skip
+            c.backoff_s = min(BACKOFF_S[1], c.backoff_s * 2)
+        elif now >= c.restart_at:
+            c.restart_at = None
+            c.restarts += 1
+            c.spawn()
+            assert c.proc is not None
+            log.info("%s restarted (pid %d, restart %d)", c.name, c.proc.pid, c.restarts)
 
     def check_alive(self) -> None:
+        """During start-up: a child that exited fails the start, with its log's tail."""
         for c in self.children:
-            if c.proc.poll() is not None:
+            if c.proc is not None and c.proc.poll() is not None:
                 raise RuntimeError(
-                    f"{c.role} exited with code {c.proc.returncode}; last log lines "
+                    f"{c.name} exited with code {c.proc.returncode}; last log lines "
                     f"({c.log_path}):\n{c.tail()}"
                 )
 
@@ -167,7 +206,7 @@ class Stack:
             self.check_alive()
             if time.monotonic() > end:
                 raise TimeoutError(
-                    f"not healthy after {timeout:.0f} s: {[c.role for c in pending]}"
+                    f"not healthy after {timeout:.0f} s: {[c.name for c in pending]}"
                 )
             for c in list(pending):
                 with contextlib.suppress(grpc.RpcError):
@@ -235,10 +274,10 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
 
 def run(args: argparse.Namespace) -> int:
     stack = Stack(config_from_args(args))
-    stop = {"now": False}
+    stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        stop["now"] = True
+        stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -247,11 +286,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"OpenAI API:  {stack.base_url}  (model: {Path(args.model).resolve().name})")
         print(f"gRPC Chat:   {stack.gateway_grpc}")
         for c in stack.children:
-            print(f"{c.role:<9} {c.grpc_address}  pid {c.proc.pid}  log {c.log_path}")
-        print("Ctrl-C stops everything.", flush=True)
-        while not stop["now"]:
-            stack.check_alive()
-            time.sleep(0.5)
+            pid = c.proc.pid if c.proc else 0
+            print(f"{c.role:<9} {c.grpc_address}  pid {pid}  log {c.log_path}")
+        print("Ctrl-C stops everything; a role that exits is restarted.", flush=True)
+        while not stop.wait(0.5):
+            pass
     except (RuntimeError, TimeoutError) as e:
         print(f"epd up: {e}", file=sys.stderr)
         return 1

@@ -294,26 +294,72 @@ def wait_until_healthy(stack, timeout: float = 10.0) -> None:
     raise AssertionError("encoders did not recover")
 
 
-def test_killing_an_encoder_during_load_fails_no_request(tiny_model, png):
-    cfg = StackConfig(model=str(tiny_model), encoders=2, http_port=0, kv_cache_bytes=16 << 20)
+def test_killing_encoders_under_load_fails_no_request_and_spares_the_language_replica(
+    tiny_model, png
+):
+    """Three encoders on the grpc transport, ONE language replica, image requests six at a time;
+    two encoders are SIGKILLed in turn. Each kill lands while the language replica is paused
+    (as a long step or a GC pause would hold it) and hits an encoder holding tensors that were
+    published and not yet pulled. Those images are encoded again elsewhere: no request fails,
+    the language replica is never marked down (it was never at fault), and `epd up` restarts the
+    dead encoders."""
+    cfg = StackConfig(model=str(tiny_model), encoders=3, transport="grpc", http_port=0,
+                      kv_cache_bytes=16 << 20, api_key=KEY,
+                      extra_encoder_args=("--metrics-port", "0"))  # fmt: skip
     with running_stack(cfg, timeout=180) as s:
         c = client(s)
         name = model_name(s)
-        images = [png(80, 60, 500 + i) for i in range(60)]
+        images = [png(80, 60, 500 + i) for i in range(150 + 6)]
+        encoders = s.role("encoder")
+        ports = {e.name: metrics_port(e) for e in encoders}
 
         def one(i: int) -> str:
             r = c.chat.completions.create(
                 model=name, messages=image_messages([images[i]]), max_tokens=4, temperature=0
             )
-            return r.choices[0].finish_reason
+            return str(r.choices[0].finish_reason)
 
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(one, i) for i in range(60)]
-            time.sleep(1.0)
-            victim = s.role("encoder")[0]
-            victim.proc.kill()
+        def holding(e) -> bool:  # published tensors not yet pulled
+            url = f"http://127.0.0.1:{ports[e.name]}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                lines = r.read().decode().splitlines()
+            return any(x.startswith("epd_encoder_pool_bytes_in_use ") and float(x.split()[1])
+                       for x in lines)  # fmt: skip
+
+        victims: list = []
+        language = s.role("language")[0].proc
+        with (
+            concurrent.futures.ThreadPoolExecutor(6) as pool,
+            concurrent.futures.ThreadPoolExecutor(3) as burst,
+        ):
+            futures = [pool.submit(one, i) for i in range(150)]
+            for k in range(2):
+                time.sleep(1.5)
+                os.kill(language.pid, signal.SIGSTOP)  # Encode calls go on; Generate calls wait
+                try:
+                    # New requests arriving now: encoded and published, their pulls pending.
+                    futures += [burst.submit(one, 150 + 3 * k + j) for j in range(3)]
+                    end = time.monotonic() + 10
+                    while not (held := [e for e in encoders if e not in victims and holding(e)]):
+                        assert time.monotonic() < end, "no encoder holds an unpulled tensor"
+                        time.sleep(0.05)
+                    victims.append(held[0])
+                    pids = [v.proc.pid for v in victims]
+                    held[0].proc.kill()
+                finally:
+                    os.kill(language.pid, signal.SIGCONT)
             reasons = [f.result() for f in futures]
-    assert len(reasons) == 60 and all(r in ("stop", "length") for r in reasons)
+        image_retries = gateway_metric(s, 'epd_gateway_image_retries_total{reason="producer_lost"}')
+        language_down = gateway_metric(s, 'epd_gateway_backends_marked_down_total{pool="language"}')
+        end = time.monotonic() + 60
+        while not all(v.restarts and health_check(v.grpc_address) == "SERVING" for v in victims):
+            assert time.monotonic() < end, "the killed encoders were not restarted"
+            time.sleep(0.5)
+        assert [v.proc.pid for v in victims] != pids
+        assert one(0) in ("stop", "length")  # and the restarted ones serve
+    assert len(reasons) == len(images) and all(r in ("stop", "length") for r in reasons)
+    assert image_retries >= 2  # each kill hit tensors published and not yet pulled
+    assert language_down == 0
 
 
 def test_epd_up_prints_endpoints_and_stops_everything_on_ctrl_c(tiny_model):

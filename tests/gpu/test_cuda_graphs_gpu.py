@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 
 
 async def _greedy(engine, prompts: list[tuple[list[int], int]]) -> list[list[int]]:
-    from services.language.engine.request import SamplingParams
+    from common.contract import SamplingParams
 
     async def one(ids: list[int], max_tokens: int) -> list[int]:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from common.config import ModelConfig
+from common.contract import ContractError, PromptLimits, SamplingParams, check_prompt
 from common.tokenizer import ChatTokenizer
 from services.colocated import ColocatedPipeline
 from services.language.engine.engine import Engine, ImageInput
 from services.language.engine.model_runner import ModelRunner
-from services.language.engine.request import SamplingParams
 from services.language.engine.scheduler import SchedulerConfig
 from services.language.weights import load_decoder
 
@@ -44,10 +44,7 @@ def build_requests(pipe: ColocatedPipeline, png, n: int, seed: int = 0):
         tensors, grids = pipe.encode_images(raw) if raw else ([], [])
         prompt = PROMPTS[i % len(PROMPTS)]
         ids = pipe.prompt_ids(prompt, k, [t.shape[0] for t in tensors])
-        images = [
-            ImageInput(t, g, f"img-{i}-{j}")
-            for j, (t, g) in enumerate(zip(tensors, grids, strict=True))
-        ]
+        images = [ImageInput.of(t, g) for j, (t, g) in enumerate(zip(tensors, grids, strict=True))]
         reqs.append((ids, images, rng.randint(4, 20), raw, prompt))
     return reqs
 
@@ -118,7 +115,7 @@ def test_repeated_image_hits_the_prefix_cache(tiny_model, oracle, png):
     raw = [png(150, 100, 42)]
     tensors, grids = pipe.encode_images(raw)
     ids = pipe.prompt_ids("Describe this.", 1, [tensors[0].shape[0]])
-    image = [ImageInput(tensors[0], grids[0], "same-image")]
+    image = [ImageInput.of(tensors[0], grids[0])]
     reqs = [(ids, image, 8, raw, "Describe this.")] * 2
     engine = make_engine(tiny_model, block=4)
     results = asyncio.run(run_all(engine, reqs, stagger=0.5))
@@ -148,26 +145,36 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(tiny_model, png
     assert other_seed[0][0] != alone[0][0]
 
 
-def test_bad_requests_are_refused_before_scheduling(tiny_model):
+def test_bad_requests_are_refused_by_the_contract_before_the_engine(tiny_model):
+    """The boundary's one check (`check_prompt`) refuses what the engine must never see; what
+    the engine itself refuses leaves no reservation, block or stream behind."""
     engine = make_engine(tiny_model)
+    cfg = engine.cfg
+    limits = PromptLimits(cfg.text.vocab_size, engine.max_model_len, cfg.image_token_id)
+    cases = [
+        ([], [], {}, "prompt is empty"),
+        ([1, 2, 10_000], [], {}, "outside the vocabulary"),
+        ([1] * engine.max_model_len, [], {}, "maximum context length"),
+        ([1, 2, 3], [4], {}, "image-pad tokens"),
+        ([1, 2, 3], [], {"max_tokens": engine.max_model_len}, "maximum context length"),
+        ([1, 2, 3], [], {"stop_token_ids": (10_000,)}, "stop_token_ids"),
+    ]
+    for ids, counts, kw, message in cases:
+        with pytest.raises(ContractError, match=message):
+            check_prompt(ids, counts, SamplingParams(**kw), limits)
+    with pytest.raises(ContractError, match="temperature"):
+        SamplingParams(temperature=-1.0)
 
-    async def first(ids, images=None, **kw):
+    async def first(ids, images):
         await engine.start()
         try:
-            async for _ in engine.generate(ids, SamplingParams(**kw), images):
+            async for _ in engine.generate(ids, SamplingParams(), images):
                 break
         finally:
             await engine.stop()
 
-    with pytest.raises(ValueError, match="prompt is empty"):
-        asyncio.run(first([]))
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        asyncio.run(first([1, 2, 10_000]))
-    with pytest.raises(ValueError, match="exceed the context"):
-        asyncio.run(first([1] * 9000))
-    img = ImageInput(torch.zeros(4, 256), (1, 4, 4), "x")
+    img = ImageInput.of(torch.zeros(4, 256), (1, 4, 4))
     with pytest.raises(ValueError, match="image-pad tokens"):
         asyncio.run(first([1, 2, 3], [img]))
-    with pytest.raises(ValueError, match="temperature"):
-        asyncio.run(first([1, 2, 3], temperature=-1.0))
-    assert engine.blocks.num_used == 0
+    assert engine.blocks.num_used == 0 and engine.held_image_bytes == 0
+    assert engine.running_ids == set()

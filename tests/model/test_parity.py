@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.contract import SamplingParams
 from services.colocated import ColocatedPipeline
 from services.encoder.preprocess import preprocess
 from services.language.attention import ContiguousKVCache
-from services.language.engine.request import SamplingParams
 from services.language.inputs import scatter_images
 from services.language.mrope import mrope_positions
 

@@ -17,12 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from common.config import ModelConfig
+from common.contract import ImageLimits, PreprocessConfig
 from common.grpc_bootstrap import ServerConfig
 from common.rpc import encoder_pb2, encoder_pb2_grpc
 from common.transfer import Consumer, TransferConfig, host_id
 from services.encoder.__main__ import EncoderService, EncoderServiceConfig, create, start
 from services.encoder.encoder import EncoderConfig
-from services.encoder.preprocess import PreprocessConfig, preprocess
+from services.encoder.preprocess import preprocess
 from services.encoder.weights import load_vision_tower
 
 SHM_PREFIX = f"epd-test-enc-{os.getpid()}-"
@@ -42,16 +43,17 @@ def consumer():
 
 
 def config(
-    model_dir, transport="shm", pool_bytes=8 << 20, metrics=False, max_pixels=1 << 24, **encoder
-) -> EncoderServiceConfig:
+    model_dir, transport="shm", pool_bytes=8 << 20, metrics=False, max_pixels=1 << 24,
+    max_image_bytes=20 << 20, max_images_per_request=16, **encoder,
+) -> EncoderServiceConfig:  # fmt: skip
+    limits = ImageLimits(max_images_per_request, max_image_bytes, max_pixels)
     return EncoderServiceConfig(
         model=str(model_dir),
         server=ServerConfig(
             host="127.0.0.1", port=0, grace_s=2.0, metrics_port=0 if metrics else None
         ),
         transfer=TransferConfig(backend=transport, pool_bytes=pool_bytes, shm_prefix=SHM_PREFIX),
-        encoder=EncoderConfig(**encoder),
-        max_image_pixels=max_pixels,
+        encoder=EncoderConfig(limits=limits, **encoder),
     )
 
 
@@ -276,7 +278,8 @@ def test_expired_and_cancelled_requests_are_dropped_before_the_forward(tiny_mode
 
 def test_health_goes_from_not_serving_to_serving(tiny_model, png):
     async def main():
-        service = await create(config(tiny_model))
+        service = create(config(tiny_model))
+        await service.server.start(service.registry)
         try:
             async with grpc.aio.insecure_channel(service.address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)

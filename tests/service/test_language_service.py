@@ -12,23 +12,29 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.config import ModelConfig
+from common.contract import Cause, fault_of
 from common.grpc_bootstrap import ServerConfig
 from common.rpc import language_pb2, language_pb2_grpc, tensor_pb2
 from common.transfer import Producer, TransferConfig
 from common.transfer.loopback import LoopbackProducer
 from services.colocated import ColocatedPipeline
 from services.language.__main__ import LanguageConfig, LanguageService, start
+from services.language.engine.builder import EngineConfig
 from services.language.engine.scheduler import SchedulerConfig
 
 SHM_PREFIX = f"epd-test-lang-{os.getpid()}-"
 
 
-def config(model_dir, **sched) -> LanguageConfig:
+def config(model_dir, max_image_bytes_held=2 << 30, **sched) -> LanguageConfig:
     return LanguageConfig(
-        model=str(model_dir),
+        engine=EngineConfig(
+            str(model_dir),
+            SchedulerConfig(**sched),
+            kv_cache_bytes=8 << 20,
+            max_image_bytes_held=max_image_bytes_held,
+        ),
         server=ServerConfig(host="127.0.0.1", port=0, grace_s=2.0),
-        scheduler=SchedulerConfig(**sched),
-        kv_cache_bytes=8 << 20,
         pull_timeout_s=5.0,
     )
 
@@ -127,7 +133,8 @@ def test_text_only_service_on_a_plain_text_checkpoint(tiny_text_moe, oracle):
     [
         ({"ids": []}, "prompt is empty"),
         ({"ids": [1, 2, 99999]}, "outside the vocabulary"),
-        ({"ids": [1, 2], "max_tokens": 0}, "max_tokens"),
+        ({"ids": [1, 2], "max_tokens": 10**9}, "maximum context length"),
+        ({"ids": [1, 2], "stop_token_ids": [99999]}, "stop_token_ids"),
         ({"ids": [1, 2], "temperature": -0.5}, "temperature"),
         ({"ids": [1, 2], "top_p": 1.5}, "top_p"),
         ({"ids": [1, 2], "top_p": 0.0}, "top_p"),
@@ -142,6 +149,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(tiny_model, req_kwargs, 
 
     err, ok = run(with_service(config(tiny_model), body))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.details()
+    assert fault_of(err).cause == Cause.REQUEST
     assert len(ok[0]) == 2
 
 
@@ -176,7 +184,12 @@ def test_unfetchable_handle_is_unavailable_and_leaves_the_service_clean(tiny_mod
         return err.value, ok
 
     err, ok = run(with_service(config(tiny_model), body))
+    # The encoder is at fault, not this replica: the code is the transfer error's, and the
+    # trailing metadata names the image, its producer and the reason.
+    fault = fault_of(err)
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "image 0" in err.details()
+    assert fault.cause == Cause.IMAGE and fault.image_index == 0
+    assert fault.producer == "127.0.0.1:1" and fault.reason == "producer_lost"
     assert len(ok[0]) == 2
 
 
@@ -200,6 +213,7 @@ def test_encoder_killed_before_the_pull(tiny_model):
 
     err, elapsed = run(with_service(config(tiny_model), body))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert fault_of(err).cause == Cause.IMAGE and fault_of(err).reason == "producer_lost"
     assert elapsed < 2.0
 
 
@@ -246,4 +260,45 @@ def test_too_many_waiting_requests_is_resource_exhausted(tiny_model):
     results = run(with_service(config(tiny_model, max_num_seqs=1, max_waiting=1), body))
     errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+    assert all(fault_of(e).cause == Cause.REPLICA for e in errors)
     assert any(not isinstance(r, BaseException) for r in results)
+
+
+def test_image_byte_budget_refuses_before_pulling(tiny_model):
+    """Beyond --max-image-bytes-held a request is refused before its images are pulled: its
+    handle is still at the producer, for the caller to retry elsewhere."""
+    ids = [1] + [12] * 4 + [2]
+
+    async def body(service, stub, channel):
+        with Producer(
+            TransferConfig(backend="shm", pool_bytes=1 << 20, shm_prefix=SHM_PREFIX)
+        ) as p:
+            first = p.publish(torch.zeros(4, 256))
+            second = p.publish(torch.ones(4, 256))
+            call = stub.Generate(request(ids, 2000, [image_ref(first, (1, 4, 4))],
+                                         ignore_eos=True))  # fmt: skip
+            await call.read()  # a token: the first request holds its image bytes
+            waiting = p.bytes_in_use  # the second image's slot only (the first was pulled)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, request(ids, 4, [image_ref(second, (1, 4, 4))]))
+            unpulled = (waiting, p.bytes_in_use)
+            call.cancel()
+            await wait_idle(service)
+            held = service.engine.held_image_bytes
+        return err.value, unpulled, held
+
+    err, unpulled, held = run(with_service(config(tiny_model, max_image_bytes_held=6000), body))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "image tensors" in err.details()
+    assert fault_of(err).cause == Cause.REPLICA
+    assert unpulled[0] > 0 and unpulled[1] == unpulled[0]  # the second image was never pulled
+    assert held == 0
+
+
+def test_get_info_reports_the_effective_max_model_len(tiny_model):
+    async def body(service, stub, channel):
+        return await stub.GetInfo(language_pb2.GetInfoRequest())
+
+    info = run(with_service(config(tiny_model), body))
+    cfg = ModelConfig.from_dir(tiny_model)
+    assert info.max_model_len == min(cfg.text.max_position_embeddings, info.max_model_len)
+    assert info.vocab_size == cfg.text.vocab_size and info.block_size == 16

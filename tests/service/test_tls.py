@@ -20,7 +20,7 @@ from common.tls import ClientTLS, add_client_tls_arguments, client_tls_from_args
 from common.transfer import Consumer, ProducerLostError, TransferConfig, host_id
 from services.encoder.__main__ import EncoderServiceConfig, start
 from services.encoder.encoder import EncoderConfig
-from services.gateway.__main__ import GatewayConfig
+from services.gateway.__main__ import GatewayConfig, add_arguments, config_from_args
 from services.gateway.__main__ import start as start_gateway
 from services.gateway.backends import BackendPool
 
@@ -106,12 +106,14 @@ def test_gateway_front_doors_speak_tls(tiny_model: Path, pki: dict[str, Path]) -
         model=str(tiny_model),
         encoders=(),
         language=("127.0.0.1:1",),  # nothing there: the gateway is up but not ready
-        host="127.0.0.1",
+        server=ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            tls_cert=str(pki["server.crt"]),
+            tls_key=str(pki["server.key"]),
+            tls_ca=ca,  # mutual
+        ),
         http_port=0,
-        grpc_port=0,
-        tls_cert=str(pki["server.crt"]),
-        tls_key=str(pki["server.key"]),
-        tls_ca=ca,  # mutual
     )
 
     def get_health(url: str, client_cert: bool) -> int:
@@ -135,7 +137,7 @@ def test_gateway_front_doors_speak_tls(tiny_model: Path, pki: dict[str, Path]) -
                 await asyncio.to_thread(get_health, health, False)
             with pytest.raises(OSError):  # plaintext HTTP: refused
                 await asyncio.to_thread(urllib.request.urlopen, health.replace("https", "http"))
-            grpc_address = f"127.0.0.1:{service.grpc.port}"
+            grpc_address = f"127.0.0.1:{service.server.port}"
             status = await asyncio.to_thread(
                 health_check, grpc_address, "", 5.0, ClientTLS(ca, cert, key)
             )
@@ -147,11 +149,9 @@ def test_gateway_front_doors_speak_tls(tiny_model: Path, pki: dict[str, Path]) -
 
 
 def test_gateway_refuses_half_tls_config(tiny_model: Path, pki: dict[str, Path]) -> None:
-    cfg = GatewayConfig(
-        model=str(tiny_model),
-        encoders=(),
-        language=("127.0.0.1:1",),
-        tls_cert=str(pki["server.crt"]),
-    )
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_model), "--language", "127.0.0.1:1",
+                              "--ssl-certfile", str(pki["server.crt"])])  # fmt: skip
     with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
-        asyncio.run(start_gateway(cfg))
+        config_from_args(args)

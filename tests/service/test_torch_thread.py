@@ -17,6 +17,7 @@ from services.encoder import __main__ as encoder_main
 from services.encoder.batcher import Batcher
 from services.encoder.encoder import EncoderConfig
 from services.language import __main__ as language_main
+from services.language.engine import builder
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.scheduler import SchedulerConfig
 from tests.conftest import png_bytes
@@ -41,16 +42,12 @@ def _recording(calls: list[int], fn):
 
 def test_language_service_loads_and_runs_on_the_torch_thread(tiny_model, monkeypatch):
     calls: dict[str, list[int]] = {"load": [], "prepare": [], "run": []}
-    monkeypatch.setattr(
-        language_main, "load_decoder", _recording(calls["load"], language_main.load_decoder)
-    )
+    monkeypatch.setattr(builder, "load_decoder", _recording(calls["load"], builder.load_decoder))
     monkeypatch.setattr(ModelRunner, "prepare", _recording(calls["prepare"], ModelRunner.prepare))
     monkeypatch.setattr(ModelRunner, "run", _recording(calls["run"], ModelRunner.run))
     cfg = language_main.LanguageConfig(
-        model=str(tiny_model),
+        engine=builder.EngineConfig(str(tiny_model), SchedulerConfig(), kv_cache_bytes=8 << 20),
         server=ServerConfig(host="127.0.0.1", port=0, grace_s=2.0),
-        scheduler=SchedulerConfig(),
-        kv_cache_bytes=8 << 20,
     )
 
     async def main() -> None:

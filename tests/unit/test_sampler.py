@@ -6,8 +6,13 @@ from collections import Counter
 
 import torch
 
-from services.language.engine.request import SamplingParams
-from services.language.engine.sampler import SampleInput, make_generator, sample_rows
+from common.contract import SamplingParams
+from services.language.engine.sampler import (
+    SampleInput,
+    make_generator,
+    process_logits,
+    sample_rows,
+)
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
 
@@ -61,3 +66,73 @@ def test_logprobs_come_from_the_raw_distribution():
     ref = torch.log_softmax(LOGITS[0], dim=-1)
     assert sample.token == 0 and abs(sample.logprob - ref[0].item()) < 1e-6
     assert [t for t, _ in sample.top_logprobs] == [0, 1, 2]
+
+
+def test_every_sampling_tensor_follows_the_logits_device():
+    """Penalties, counts and bans are built on the logits' device. On `meta` logits, any tensor
+    the sampler made on the CPU and fed to an op is caught (a CUDA batch would fail on it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DeviceCheck(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = [*args, *(kwargs or {}).values()]
+            flat += [x for a in args if isinstance(a, list | tuple) for x in a]
+            for a in flat:
+                if isinstance(a, torch.Tensor) and a.dim() > 0:
+                    assert a.device.type == "meta", f"{func}: a {a.device} tensor"
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.empty(3, 50, device="meta")
+    rows = [
+        SampleInput(SamplingParams(repetition_penalty=1.3), None, [1, 2], [3], frozenset({0})),
+        SampleInput(
+            SamplingParams(presence_penalty=0.5, frequency_penalty=0.7),
+            None,
+            [4],
+            [5, 5, 6],
+            frozenset(),
+        ),
+        SampleInput(SamplingParams(min_tokens=4), None, [7], [8], frozenset({0, 9})),
+    ]
+    check = DeviceCheck()
+    with check:
+        scores = process_logits(logits, rows)
+    assert scores.device.type == "meta" and len(check.ops) > 10
+
+
+def test_batched_penalties_equal_one_row_at_a_time():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    rows = [
+        SampleInput(SamplingParams(repetition_penalty=1.7), None, [1, 2, 2], [3], frozenset()),
+        SampleInput(SamplingParams(), None, [1], [2], frozenset()),
+        SampleInput(
+            SamplingParams(frequency_penalty=1.0, presence_penalty=-0.5),
+            None,
+            [],
+            [4, 4, 29],
+            frozenset(),
+        ),
+        SampleInput(SamplingParams(min_tokens=3), None, [], [5], frozenset({0, 7})),
+    ]
+    together = process_logits(logits, rows)
+    for i, row in enumerate(rows):
+        assert torch.equal(together[i], process_logits(logits[i : i + 1], [row])[0])
+    assert together[3, 0] == float("-inf") and together[3, 7] == float("-inf")
+    assert together[2, 4] == logits[2, 4] - 2.0 + 0.5
+
+
+def test_degenerate_rows_never_fail_the_batch():
+    """A denormal temperature is greedy (it would overflow the scores to inf), and a row whose
+    distribution has no mass left takes its argmax: neither may fail the step's other rows."""
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0]])
+    tiny = SampleInput(SamplingParams(temperature=3.4e-39), None, [], [], frozenset())
+    assert tiny.params.greedy
+    overflow = SampleInput(SamplingParams(temperature=1e-4), make_generator(1, torch.device("cpu")),
+                           [], [], frozenset())  # fmt: skip
+    assert [s.token for s in sample_rows(logits.clone() * 1e35, [tiny, overflow])] == [0, 1]

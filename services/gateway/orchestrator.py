@@ -360,6 +360,10 @@ class Orchestrator:
                 reason = f"{backend.address}: {e.details() or e.code().name}"
                 raise _Unreachable(reason, "unreachable") from None
             backend.info = replica_info_from_proto(reply)
+            if backend.info.vocab_size != self.cfg.text.vocab_size:
+                log.warning("language %s serves a vocabulary of %d tokens, the gateway's "
+                            "checkpoint has %d: are they the same model?", backend.address,
+                            backend.info.vocab_size, self.cfg.text.vocab_size)  # fmt: skip
         assert isinstance(backend.info, ReplicaInfo)
         return backend.info
 
@@ -370,15 +374,25 @@ class Orchestrator:
         avoid: dict[int, set[str]],
         deadline: float,
     ) -> list[_Encoded]:
-        """Every image encoded, in parallel; on any failure the others are released."""
-        tasks = [self._encode_one(i, img, consumer_host, avoid.get(i, set()), deadline)
+        """Every image encoded, in parallel; on any failure, or if the request goes away
+        meanwhile, the ones already published are released."""
+        tasks = [asyncio.ensure_future(self._encode_one(i, img, consumer_host,
+                                                        avoid.get(i, set()), deadline))
                  for i, img in enumerate(images)]  # fmt: skip
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        done = [r for r in results if isinstance(r, _Encoded)]
-        for r in results:
-            if isinstance(r, BaseException):
+        if not tasks:
+            return []
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            self._release(_published(tasks))
+            raise
+        done = _published(tasks)
+        for t in tasks:
+            if (e := t.exception()) is not None:
                 self._release(done)
-                raise r
+                raise e
         return done
 
     async def _encode_one(
@@ -441,6 +455,10 @@ async def _release_one(e: _Encoded) -> None:
         await stub.ReleaseTensor(
             tensor_pb2.ReleaseTensorRequest(id=e.ref.handle.id), timeout=_RELEASE_TIMEOUT_S
         )
+
+
+def _published(tasks: Sequence[asyncio.Future[_Encoded]]) -> list[_Encoded]:
+    return [t.result() for t in tasks if t.done() and not t.cancelled() and not t.exception()]
 
 
 def _encode_timings(images: Sequence[_Encoded]) -> dict[str, float]:

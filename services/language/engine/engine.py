@@ -156,7 +156,8 @@ class Engine:
 
     def reserve(self, image_bytes: int = 0) -> Reservation:
         """Claim a waiting slot and `image_bytes` of the image budget before pulling a request's
-        images; raises QueueFull (saying which bound) when there is no room."""
+        images; raises QueueFull (saying which bound) when there is no room. A request larger
+        than the whole budget still runs, when nothing else holds image bytes."""
         waiting = len(self.scheduler.waiting) + self._reserved_slots
         if waiting >= self.scheduler.cfg.max_waiting:
             raise QueueFull(f"{waiting} requests already waiting")

@@ -13,6 +13,7 @@ preprocessing, transfers) stick to numpy or small tensors.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import threading
 from collections.abc import Callable
@@ -68,3 +69,25 @@ async def wait_torch_thread_idle() -> None:
 
 def _nothing() -> None:
     pass
+
+
+def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--num-threads`, for the roles that run torch."""
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch threads of this process (default: one per core it may use; `epd up` splits "
+        "the cores between its roles so that they never oversubscribe them)",
+    )
+
+
+def set_torch_threads(n: int | None) -> None:
+    """Size the torch thread's OpenMP team; call on the torch thread before its first forward."""
+    if n is None:
+        return
+    if n <= 0:
+        raise ValueError(f"--num-threads must be positive, got {n}")
+    import torch  # here, not at the top: this module is imported by torch-free code too
+
+    torch.set_num_threads(n)

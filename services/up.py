@@ -50,6 +50,9 @@ class StackConfig:
     extra_encoder_args: tuple[str, ...] = ()
     extra_language_args: tuple[str, ...] = ()
     extra_gateway_args: tuple[str, ...] = ()
+    # Give each torch role its own share of the cores (`thread_budget`); False = torch's default
+    # everywhere (every role one thread per core: the roles oversubscribe the cores when busy).
+    split_threads: bool = True
 
 
 @dataclass
@@ -114,18 +117,23 @@ class Stack:
         log_dir = Path(self.cfg.log_dir or tempfile.mkdtemp(prefix="epd-up-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         common = ["--model", self.cfg.model, "--host", "127.0.0.1"]
+        enc_threads, lang_threads = thread_budget(available_cores(), self.cfg.encoders)
         enc_addrs = []
         for i in range(self.cfg.encoders):
             port = free_port()
             enc_addrs.append(f"127.0.0.1:{port}")
             self._add(f"encoder-{i}", "encoder", log_dir, port, [
                 *common, "--port", str(port), "--transport", self.cfg.transport,
-                "--dtype", self.cfg.dtype, *self.cfg.extra_encoder_args,
+                "--dtype", self.cfg.dtype,
+                *self._threads(enc_threads, self.cfg.extra_encoder_args),
+                *self.cfg.extra_encoder_args,
             ])  # fmt: skip
         lang_port = free_port()
         self._add("language", "language", log_dir, lang_port, [
             *common, "--port", str(lang_port), "--dtype", self.cfg.dtype,
-            "--kv-cache-bytes", str(self.cfg.kv_cache_bytes), *self.cfg.extra_language_args,
+            "--kv-cache-bytes", str(self.cfg.kv_cache_bytes),
+            *self._threads(lang_threads, self.cfg.extra_language_args),
+            *self.cfg.extra_language_args,
         ])  # fmt: skip
         self._wait_grpc(timeout)
         self.http_port = self.cfg.http_port or free_port()
@@ -159,6 +167,12 @@ class Stack:
                 log.warning("%s did not stop within %.0f s; killing it", c.name, grace)
                 proc.kill()
                 proc.wait()
+
+    def _threads(self, n: int, extra: tuple[str, ...]) -> list[str]:
+        """`--num-threads n`, unless the split is off or the caller chose for this role."""
+        if not self.cfg.split_threads or "--num-threads" in extra:
+            return []
+        return ["--num-threads", str(n)]
 
     def _add(self, name: str, role: str, log_dir: Path, port: int, argv: list[str]) -> None:
         child = Child(name, role, argv, log_dir / f"{name}.log", f"127.0.0.1:{port}")
@@ -237,6 +251,18 @@ def running_stack(cfg: StackConfig, timeout: float = 300.0) -> Iterator[Stack]:
         stack.stop()
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def thread_budget(cores: int, encoders: int) -> tuple[int, int]:
+    """(threads per encoder, language threads) for `encoders` encoders on `cores` cores: the
+    language service gets half of them, the encoders share the other half, one thread at least
+    each (the gateway runs no torch). Two cores, one encoder: one thread each."""
+    language = max(1, cores // 2)
+    return max(1, (cores - language) // max(1, encoders)), language
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -257,6 +283,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-bytes", type=int, default=StackConfig.kv_cache_bytes)
     parser.add_argument("--api-key", default=None, help="require this bearer key on the API")
     parser.add_argument("--log-dir", default=None, help="where child logs go (default: a temp dir)")
+    parser.add_argument(
+        "--split-threads",
+        action=argparse.BooleanOptionalAction,
+        default=StackConfig.split_threads,
+        help="give the language service half the cores and the encoders the other half "
+        "(--num-threads of each role), so that busy roles never oversubscribe the cores",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> StackConfig:
@@ -269,6 +302,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         kv_cache_bytes=args.kv_cache_bytes,
         log_dir=args.log_dir,
         api_key=args.api_key,
+        split_threads=args.split_threads,
     )
 
 

@@ -20,7 +20,7 @@ from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.lifecycle import serve_service, start_service, stop_service
 from common.rpc import encoder_pb2, encoder_pb2_grpc, tensor_pb2
-from common.torch_thread import run_on_torch_thread
+from common.torch_thread import add_threads_argument, run_on_torch_thread, set_torch_threads
 from common.transfer import Producer, TransferConfig
 from common.transfer.config import BACKEND_CHOICES
 from services.encoder.encoder import MIB, Encoder, EncoderConfig
@@ -47,6 +47,7 @@ class EncoderServiceConfig:
     # On SIGTERM, once Encode calls are answered, how long consumers may still pull published
     # tensors (over any transport) before the server stops and the pool is freed, in seconds.
     handoff_s: float = 5.0
+    num_threads: int | None = None  # torch threads; None = torch's default (one per core)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="vision tower and wire tensor dtype",
     )
     g.add_argument("--device", default=EncoderServiceConfig.device, help="cpu or cuda[:N]")
+    add_threads_argument(g)
     g.add_argument(
         "--max-batch-patches",
         type=int,
@@ -158,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
         dtype=args.dtype,
         device=args.device,
         advertise_host=args.advertise_host,
+        num_threads=args.num_threads,
     )
 
 
@@ -180,6 +183,7 @@ class EncoderService:
         """Load the weights off the event loop, warm up, then report SERVING."""
         cfg = self.cfg
         started = time.perf_counter()
+        await run_on_torch_thread(set_torch_threads, cfg.num_threads)
         tower = await run_on_torch_thread(
             load_vision_tower,
             cfg.model,

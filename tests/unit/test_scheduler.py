@@ -196,3 +196,21 @@ def test_a_block_hits_only_under_the_same_prefix_chain():
     run_to_completion(sched, [c], rng)
     assert b.num_cached_prompt == 0 and c.num_cached_prompt == 8
     assert all(len(blk.hash or b"") in (0, 16) for blk in blocks.blocks)  # 128-bit digests
+
+
+def test_prefill_chunks_are_capped_while_requests_decode():
+    blocks = BlockManager(num_blocks=64, block_size=4, image_token_id=IMG)
+    sched = Scheduler(SchedulerConfig(max_batch_tokens=64, prefill_budget_with_decodes=5), blocks)
+    first = make_request("a", list(range(10)), max_tokens=50)
+    sched.add(first)
+    steps = []
+    for _ in range(6):
+        if _ == 1:  # `a` decodes from now on; a long prompt arrives
+            sched.add(make_request("b", list(range(100, 120)), max_tokens=4))
+        chunks = sched.schedule()
+        steps.append(sorted((c.req.id, c.length) for c in chunks))
+        sched.postprocess(chunks, {c.req.id: 7 for c in chunks if c.samples})
+    # Nothing decodes at first: the prompt takes the step. Then `b` gets 5 tokens a step beside
+    # `a`'s decode, until its prompt is done.
+    assert steps == [[("a", 10)], [("a", 1), ("b", 5)], [("a", 1), ("b", 5)],
+                     [("a", 1), ("b", 5)], [("a", 1), ("b", 5)], [("a", 1), ("b", 1)]]  # fmt: skip

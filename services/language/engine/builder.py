@@ -17,6 +17,7 @@ from common.config import ModelConfig
 from common.contract import SamplingParams
 from common.dtypes import DTYPES
 from common.tokenizer import ChatTokenizer
+from common.torch_thread import add_threads_argument, set_torch_threads
 from services.language.attention import ContiguousKVCache
 from services.language.engine.engine import Engine
 from services.language.engine.memory import (
@@ -49,6 +50,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps through CUDA graphs (CUDA + Triton kernels only)
     # Image tensor bytes the engine holds at once for requests not yet finished.
     max_image_bytes_held: int = 2 << 30
+    num_threads: int | None = None  # torch threads; None = torch's default (one per core)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,11 +106,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per forward at most (longer prompts are prefilled in chunks)",
     )
     g.add_argument(
+        "--prefill-budget-with-decodes",
+        type=int,
+        default=SchedulerConfig.prefill_budget_with_decodes,
+        help="prompt tokens per step while requests are decoding (bounds how long arriving "
+        "prompts stall them; default: up to --max-batch-tokens)",
+    )
+    g.add_argument(
         "--max-waiting",
         type=int,
         default=SchedulerConfig.max_waiting,
         help="queued requests beyond which new ones get RESOURCE_EXHAUSTED",
     )
+    add_threads_argument(g)
     g.add_argument(
         "--max-image-bytes-held",
         type=int,
@@ -125,6 +135,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_batch_tokens=args.max_batch_tokens,
             max_waiting=args.max_waiting,
+            prefill_budget_with_decodes=args.prefill_budget_with_decodes,
         ),
         dtype=args.dtype,
         device=args.device,
@@ -134,11 +145,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         cuda_graphs=args.cuda_graphs,
         max_image_bytes_held=args.max_image_bytes_held,
+        num_threads=args.num_threads,
     )
 
 
 def build_engine(cfg: EngineConfig, metrics: LanguageMetrics | None = None) -> Engine:
     """Weights, KV cache and `max_model_len` (logged), on the calling (torch) thread."""
+    set_torch_threads(cfg.num_threads)
     model_cfg = ModelConfig.from_dir(cfg.model)
     dtype = DTYPES[cfg.dtype]
     model = load_decoder(cfg.model, model_cfg, dtype, cfg.device)

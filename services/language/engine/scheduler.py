@@ -3,7 +3,10 @@
 Each step gets a token budget (`max_batch_tokens`). Running requests go first, oldest first: a
 decoding request takes 1 token, a request still in prefill takes the next chunk of its prompt
 that fits. Then waiting requests are admitted in arrival order while the budget, `max_num_seqs`
-and free KV blocks allow; a new request first takes its prefix-cache hits. When a running request
+and free KV blocks allow; a new request first takes its prefix-cache hits. While any request is
+decoding, the prefill chunks of a step share a smaller budget (`prefill_budget_with_decodes`),
+so that a burst of arriving prompts cannot stretch the step every decoding request waits on
+(its TPOT); with nothing decoding, prefill takes the whole step. When a running request
 needs a block and none is free, the newest running request is preempted (its blocks freed; it
 is recomputed later from all its tokens).
 """
@@ -23,10 +26,14 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_batch_tokens: int = 2048
     max_waiting: int = 1024  # beyond this, new requests are refused (RESOURCE_EXHAUSTED)
+    # Prompt tokens per step while some request decodes; None = up to max_batch_tokens.
+    prefill_budget_with_decodes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_batch_tokens <= 0 or self.max_waiting <= 0:
             raise ValueError("max_num_seqs, max_batch_tokens and max_waiting must be positive")
+        if self.prefill_budget_with_decodes is not None and self.prefill_budget_with_decodes <= 0:
+            raise ValueError("prefill_budget_with_decodes must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,11 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """True when this chunk reaches the request's last token, so a new token is sampled."""
         return self.start + self.length == self.req.num_tokens
+
+
+def _decoding(req: Request) -> bool:
+    """Whether `req` is past its prompt, with one token (its last sampled) to compute."""
+    return req.num_computed >= req.num_prompt and req.num_pending == 1
 
 
 class QueueFull(Exception):
@@ -78,21 +90,27 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.cfg.max_batch_tokens
         chunks: list[ScheduledChunk] = []
+        cap = self.cfg.prefill_budget_with_decodes
+        prefill = budget if cap is None or not any(map(_decoding, self.running)) else cap
         for req in list(self.running):
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.num_pending, budget)
-            if not self._grow(req, req.num_computed + n):
+            decoding = _decoding(req)
+            n = min(req.num_pending, budget, budget if decoding else prefill)
+            if n == 0 or not self._grow(req, req.num_computed + n):
                 continue
             chunks.append(ScheduledChunk(req, req.num_computed, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            if not decoding:
+                prefill -= n
+        while (self.waiting and min(budget, prefill) > 0
+               and len(self.running) < self.cfg.max_num_seqs):  # fmt: skip
             req = self.waiting[0]
             hits = self.blocks.match_prefix(req)
             computed = len(hits) * self.blocks.block_size
-            n = min(req.num_tokens - computed, budget)
+            n = min(req.num_tokens - computed, budget, prefill)
             extra = self.blocks.blocks_for(computed + n) - len(hits)
             if extra > self.blocks.num_free - sum(
                 1 for h in hits if self.blocks.blocks[h].ref == 0
@@ -107,6 +125,7 @@ class Scheduler:
             self.running.append(req)
             chunks.append(ScheduledChunk(req, computed, n))
             budget -= n
+            prefill -= n
         return chunks
 
     def postprocess(

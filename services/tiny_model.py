@@ -9,7 +9,9 @@ Made to be served by other engines too (vLLM loads these without conversion):
  * the tokenizer names every id of the model's vocabulary: BPE training on the small corpus gives
    only a few hundred tokens (444 for `small`'s 4096 ids), so a random model would mostly emit ids
    that decode to "" and a streaming client would see no text for them. The missing ids get
-   decode-only entries " t<id>" (no merge produces them, so prompts tokenize as before);
+   decode-only entries " t<id>" (no merge produces them, so prompts tokenize as before). The 128
+   single-byte tokens of non-ASCII bytes remain: alone they are an incomplete UTF-8 character,
+   which a streaming server holds back until the next token completes the chunk;
  * the text config carries `"norm_topk_prob": true` (transformers 5.x no longer writes it because
    Qwen3-VL-MoE always renormalises; vLLM reads it);
  * `expert_layout="hub"` stores the fused experts as the hub's 4.57-era checkpoints do,

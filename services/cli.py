@@ -34,6 +34,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "bench.engine",
         "language engine vs transformers (CPU); decode tok/s vs HBM peak (--device cuda)",
     ),
+    "bench-step": (
+        "bench.step_profile",
+        "one engine step at several batch sizes, timed by component (CPU)",
+    ),
     "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
     "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),
     "bench-kernels": ("bench.kernels", "MoE layer time, Triton vs torch, vs HBM/bf16 peaks (GPU)"),

@@ -38,6 +38,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "bench.step_profile",
         "one engine step at several batch sizes, timed by component (CPU)",
     ),
+    "bench-cpu-kernels": (
+        "bench.cpu_kernels",
+        "CPU prototypes vs the engine's kernels: MoE experts, decode attention, threads",
+    ),
     "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
     "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),
     "bench-kernels": ("bench.kernels", "MoE layer time, Triton vs torch, vs HBM/bf16 peaks (GPU)"),

@@ -421,6 +421,12 @@ def test_logprobs_seed_and_stop_strings(stack, tiny_model):
 
 
 def test_client_disconnect_aborts_the_generation_downstream(stack):
+    # Earlier tests' requests must have settled first: the stop-string test's downstream abort
+    # can land after it returns, and would be counted as this test's.
+    running = "epd_language_running_requests"
+    end = time.monotonic() + 10
+    while role_metric(stack, "language", running) != [0.0] and time.monotonic() < end:
+        time.sleep(0.1)
     aborted = role_metric(stack, "language", 'epd_language_requests_total{finish_reason="abort"}')
     c = client(stack)
     stream = c.chat.completions.create(

@@ -91,8 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup",
         type=int,
         default=None,
-        help="with --against or several levels: requests run (not counted) before each "
-        "measured one, on each system (default: the concurrency)",
+        help="requests run (not counted) before each measured workload and level, on each "
+        "system, with prompts and images of their own (default: the concurrency)",
     )
     parser.add_argument("--passes", type=int, default=1, help="repeat everything N times")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many s")

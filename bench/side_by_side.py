@@ -19,6 +19,8 @@ import statistics
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
+
 from bench.openai_load import (
     LoadShape,
     WorkloadSpec,
@@ -128,7 +130,7 @@ async def run_plan(plan: Plan) -> list[dict[str, Any]]:
     return out
 
 
-async def _warm(s: Any, x: System, model: str) -> None:
+async def _warm(s: aiohttp.ClientSession, x: System, model: str) -> None:
     """One image and one text request before anything is measured (first-call costs: lazy
     initialisation, compilation of new shapes)."""
     for images in (1, 0):

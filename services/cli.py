@@ -29,7 +29,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "bench.generate",
         "prefill/decode tokens/s of `epd generate` vs transformers",
     ),
-    "bench": ("bench.load", "load-test a running gateway (optionally vs the colocated pipeline)"),
+    "bench": (
+        "bench.load",
+        "load-test the gateway, side by side with other OpenAI-compatible servers (--against)",
+    ),
     "bench-engine": (
         "bench.engine",
         "language engine vs transformers (CPU); decode tok/s vs HBM peak (--device cuda)",

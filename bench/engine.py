@@ -1,8 +1,11 @@
 """`epd bench-engine`: the language engine against transformers on one workload, one run.
 
 The workload is fixed by `--requests` and `--seed`: prompts of mixed lengths, mixed output
-lengths, and every fourth request with one image (encoded once, up front, by our vision tower;
-transformers gets the same pixels through its own processor and tower). For each concurrency C:
+lengths, and every fourth request with one 224x224 image. Both sides do the same image work
+inside each request's time: epd's request preprocesses its image bytes and runs our vision tower
+(on the torch thread, in turn with the engine's steps, as `epd generate` does) before the engine
+admits it; transformers' goes through its own processor and tower in `generate`. TTFT therefore
+includes preprocessing and the tower on both sides. For each concurrency C:
 
 - `epd`: the engine in this process, C requests in flight at a time (closed loop);
 - `hf_sequential`: transformers' `generate`, one request at a time (measured once, the same for
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import statistics
 import time
@@ -41,6 +45,7 @@ from common.dtypes import DTYPES
 from common.tokenizer import ChatTokenizer
 from common.torch_thread import call_on_torch_thread, run_on_torch_thread
 from services.colocated import ColocatedPipeline
+from services.encoder.preprocess import preprocess
 from services.language.engine.engine import Engine, ImageInput
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.scheduler import SchedulerConfig
@@ -49,11 +54,14 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "w
          "red", "birds", "sing", "near", "blue", "water"]  # fmt: skip
 
 
+IMAGE_WORK = "image preprocessing + vision tower timed on both sides (inside TTFT)"
+
+
 @dataclass
 class Work:
-    ids: list[int]
-    images: list[ImageInput]
-    raw_images: list[bytes]
+    id: str
+    ids: list[int]  # prompt ids with each image's pad run expanded
+    raw_images: list[bytes]  # encoded inside the timed request
     prompt: str
     output_tokens: int
 
@@ -100,15 +108,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_workload(pipe: ColocatedPipeline, n: int, seed: int) -> list[Work]:
     rng = random.Random(seed)
     work = []
+    merge = pipe.cfg.vision.spatial_merge_size**2 if pipe.cfg.vision else 1
     for i in range(n):
         words = rng.randint(8, 96)
         prompt = " ".join(rng.choice(WORDS) for _ in range(words))
         raw = [synthetic_image(224, 224, seed * 1000 + i)] if i % 4 == 0 and pipe.vision else []
-        tensors, grids = pipe.encode_images(raw) if raw else ([], [])
-        ids = pipe.prompt_ids(prompt, len(raw), [t.shape[0] for t in tensors])
-        images = [ImageInput.of(t, g) for t, g in zip(tensors, grids, strict=True)]
-        work.append(Work(ids, images, raw, prompt, rng.choice([16, 32, 48, 64])))
+        # Token counts from the patch grid alone; the tower runs inside the timed request.
+        counts = [math.prod(preprocess(r, pipe.preprocess_cfg).grid_thw) // merge for r in raw]
+        ids = pipe.prompt_ids(prompt, len(raw), counts)
+        work.append(Work(f"w{i}", ids, raw, prompt, rng.choice([16, 32, 48, 64])))
     return work
+
+
+async def encode(pipe: ColocatedPipeline, w: Work) -> list[ImageInput]:
+    """The request's images through our preprocessing and vision tower, on the torch thread."""
+    if not w.raw_images:
+        return []
+    tensors, grids = await run_on_torch_thread(pipe.encode_images, w.raw_images)
+    return [ImageInput.of(t, g) for t, g in zip(tensors, grids, strict=True)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             batched = hf_seq if c == 1 else call_on_torch_thread(_run_hf, hf, work, c)
             rows.append(_row("hf_batched", c, *batched))
     if args.json:
-        print(json.dumps({"rows": rows}))
+        print(json.dumps({"rows": rows, "image_work": IMAGE_WORK}))
     else:
         _print(rows, args, len(work))
     return 0
@@ -155,7 +172,7 @@ async def _run_engine(
     engine = Engine(pipe.cfg, runner, sched, frozenset(ChatTokenizer(args.model).eos_token_ids))
     await engine.start()
     warm = SamplingParams(max_tokens=2, ignore_eos=True)
-    async for _ in engine.generate(work[0].ids, warm, work[0].images):  # warm-up, not counted
+    async for _ in engine.generate(work[0].ids, warm, await encode(pipe, work[0])):  # warm-up
         pass
     queue = list(range(len(work)))
     timings: list[Timing | None] = [None] * len(work)
@@ -166,7 +183,7 @@ async def _run_engine(
             w = work[i]
             params = SamplingParams(max_tokens=w.output_tokens, ignore_eos=True)
             t = Timing(time.perf_counter(), [])
-            async for _ in engine.generate(w.ids, params, w.images):
+            async for _ in engine.generate(w.ids, params, await encode(pipe, w)):
                 t.steps.append(time.perf_counter())
             timings[i] = t
 
@@ -205,7 +222,8 @@ def _row(system: str, concurrency: int, elapsed: float, timings: list[Timing]) -
 
 
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace, n: int) -> None:
-    print(f"model {args.model} ({args.dtype}, {torch.get_num_threads()} threads), {n} requests")
+    print(f"model {args.model} ({args.dtype}, {torch.get_num_threads()} threads), {n} requests; "
+          f"{IMAGE_WORK}")  # fmt: skip
     print(f"{'system':<15}{'conc':>5}{'out tok/s':>11}{'TTFT p50 s':>12}{'TPOT p50 s':>12}")
     base = {}
     for r in rows:

@@ -1,72 +1,114 @@
-"""`epd bench`: a load generator for a running gateway (OpenAI streaming API).
+"""`epd bench`: a load generator for OpenAI-compatible servers, epd's gateway first.
 
-Closed loop with `--concurrency` clients, or open loop at `--rate` requests/s, for `--requests`
-requests or `--duration` seconds. Each request carries `--images` synthetic images of
-`--image-size` (distinct per request unless `--repeat-images`) and a prompt of about
-`--prompt-words` words, and asks for exactly `--output-tokens` tokens (`ignore_eos`). Reports
-throughput and TTFT / TPOT / end-to-end percentiles, and errors by status.
+Each request carries `--images` synthetic images of `--image-size` (distinct per request unless
+`--repeat-images`) and a prompt of `--prompt-words` words, streams, and asks for exactly
+`--output-tokens` tokens (`ignore_eos`, greedy). `--workloads image,text` runs the image workload
+and the same prompts without images; `--concurrency 1,8,32` runs each at several closed-loop
+levels (or `--rate` requests/s, open loop). Reports output tokens/s, TTFT / TPOT p50 and p99,
+errors, and the prompt and completion tokens the server reported.
 
-`--compare-colocated` also runs the same requests through the in-process colocated pipeline
+`--against URL[,URL...]` runs the same requests (same prompts, same image bytes, this same
+client) against other OpenAI-compatible servers too, e.g. `vllm serve` on the same checkpoint:
+for every pass (`--passes N`) and every workload and load level, all systems back to back, their
+order rotating from pass to pass; one row per system, plus epd's ratios to each. Name a server
+with NAME=URL. The servers run side by side: an idle one should cost next to nothing (an idle
+`vllm serve` used <1% of a core here), but check with `top` for yours.
+
+The epd gateway is `--url`, or started here with `--start-stack` (`epd up` in-process).
+
+`--compare-colocated` instead runs the same requests through the in-process colocated pipeline
 (`epd generate`'s code path: the same tower and the same batching engine as the services, without
 transfers, RPCs or processes) in this same run, at the same concurrency, and prints the ratio:
 what disaggregation costs or gains, and nothing else. Each row reports the concurrency it ran at.
-At concurrency 1 the two systems take turns request by request (which one goes first
-alternates), so slow drifts of a shared machine land on both alike; at higher concurrency, or
-with `--no-interleave`, the colocated run follows the gateway run. The gateway is given by
-`--url`, or started here with `--start-stack` (`epd up` in-process).
+At concurrency 1 the two systems take turns request by request (which one goes first alternates),
+so slow drifts of a shared machine land on both alike; at higher concurrency, or with
+`--no-interleave`, the colocated run follows the gateway run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import random
-import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
-import aiohttp
 from tqdm import tqdm
 
-from bench.generate import synthetic_image
+from bench import side_by_side as sbs
+from bench.openai_load import (
+    LoadShape,
+    Result,
+    Workload,
+    WorkloadSpec,
+    build_workload,
+    first_model,
+    parse_size,
+    request,
+    run_load,
+    session,
+    summarize,
+)
 from common.contract import SamplingParams
 
-WORDS = ["picture", "describe", "colour", "shape", "light", "scene", "object", "detail", "left",
-         "right", "top", "bottom", "small", "large", "bright", "dark"]  # fmt: skip
-
-
-@dataclass
-class Result:
-    ok: bool
-    ttft: float = 0.0
-    e2e: float = 0.0
-    output_tokens: int = 0
-    status: str = ""
-
-
-@dataclass
-class Workload:
-    prompts: list[str]
-    images: list[list[bytes]]
-    output_tokens: int
-    results: list[Result] = field(default_factory=list)
+WORKLOADS = ("image", "text")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="gateway base URL")
     parser.add_argument("--model", default=None, help="model name (default: the first served)")
-    parser.add_argument("--api-key", default="unused")
-    parser.add_argument("--concurrency", type=int, default=1, help="clients in a closed loop")
+    parser.add_argument("--api-key", default="unused", help="bearer key sent to every server")
+    parser.add_argument(
+        "--against",
+        default=None,
+        metavar="[NAME=]URL[,...]",
+        help="also run every request against these OpenAI-compatible servers (base URLs ending "
+        "in /v1), interleaved with epd; NAME labels the rows (default: host:port)",
+    )
+    parser.add_argument(
+        "--against-model",
+        default=None,
+        metavar="NAME[,...]",
+        help="model name on the --against servers: one for all or one per URL "
+        "(default: each server's first)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default="image",
+        help="comma-separated: image (--images images per request + the prompt), text (the "
+        "prompt alone); default: %(default)s",
+    )
+    parser.add_argument(
+        "--concurrency", default="1", help="clients in a closed loop; comma-separated levels"
+    )
     parser.add_argument("--rate", type=float, default=None, help="open loop: requests/s instead")
-    parser.add_argument("--requests", type=int, default=32, help="requests to send")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="measured requests per workload and level (default: max(16, 4 x concurrency); "
+        "32 with --rate)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="requests run (not counted) before each measured workload and level, on each "
+        "system, with prompts and images of their own (default: the concurrency)",
+    )
+    parser.add_argument("--passes", type=int, default=1, help="repeat everything N times")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many s")
-    parser.add_argument("--images", type=int, default=1, help="images per request")
-    parser.add_argument("--image-size", default="448x448", help="WxH of each image")
+    parser.add_argument("--images", type=int, default=1, help="images per image-workload request")
+    parser.add_argument("--image-size", default="224x224", help="WxH of each image")
     parser.add_argument("--repeat-images", action="store_true", help="same image every request")
-    parser.add_argument("--prompt-words", type=int, default=32)
+    parser.add_argument(
+        "--prompt-words",
+        type=int,
+        default=32,
+        help="words of text per prompt (about 48 prompt tokens with the chat template on a "
+        "make-tiny-model tokenizer; each row reports the server's own count)",
+    )
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
@@ -85,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoders", type=int, default=1, help="with --start-stack")
     parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="with --start-stack",
+    )
+    parser.add_argument(
         "--no-interleave",
         action="store_true",
         help="at concurrency 1, run the colocated requests after all gateway ones, not in turns",
@@ -92,106 +140,90 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def build_workload(args: argparse.Namespace) -> Workload:
-    rng = random.Random(args.seed)
-    w, h = (int(v) for v in args.image_size.lower().split("x"))
-    prompts, images = [], []
-    for i in range(args.requests):
-        prompts.append(" ".join(rng.choice(WORDS) for _ in range(args.prompt_words)))
-        seeds = (
-            [0] * args.images if args.repeat_images else [i * 16 + j for j in range(args.images)]
-        )
-        images.append([synthetic_image(w, h, args.seed * 100_003 + s) for s in seeds])
-    return Workload(prompts, images, args.output_tokens)
+def build_plan(args: argparse.Namespace, url: str) -> sbs.Plan:
+    """The systems and cells the flags ask for; ValueError for inconsistent flags."""
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        raise ValueError(f"--workloads: choose from {', '.join(WORKLOADS)}, got {args.workloads}")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if any(c <= 0 for c in levels) or args.passes <= 0:
+        raise ValueError("--concurrency and --passes must be positive")
+    if args.rate:
+        levels = levels[:1]  # open loop: the rate sets the load, not the clients
+    size = parse_size(args.image_size)
+    cells = []
+    for name in workloads:
+        for c in levels:
+            n = args.requests or (32 if args.rate else max(16, 4 * c))
+            spec = WorkloadSpec(
+                name, n, args.images if name == "image" else 0, size, args.prompt_words,
+                args.output_tokens, args.repeat_images,
+            )  # fmt: skip
+            warmup = c if args.warmup is None else args.warmup
+            cells.append(sbs.Cell(spec, LoadShape(c, args.rate, args.duration), warmup))
+    systems = sbs.parse_systems(
+        sbs.System("epd", url.rstrip("/"), args.model), args.against, args.against_model
+    )
+    return sbs.Plan(
+        tuple(systems), tuple(cells), args.passes, args.seed, args.api_key, args.timeout
+    )
 
 
-async def run_gateway(args: argparse.Namespace, work: Workload, url: str) -> dict[str, Any]:
-    async with _session(args) as session:
-        model = args.model or await _first_model(session, url)
-        bar = tqdm(total=len(work.prompts), desc="requests", unit="req", leave=False)
-        results: list[Result] = []
-        deadline = time.perf_counter() + args.duration if args.duration else None
-
-        async def one(i: int) -> None:
-            results.append(await _request(session, url, model, work, i))
-            bar.update(1)
-
-        start = time.perf_counter()
-        if args.rate:
-            tasks = []
-            for i in range(len(work.prompts)):
-                if deadline and time.perf_counter() > deadline:
-                    break
-                tasks.append(asyncio.create_task(one(i)))
-                await asyncio.sleep(random.expovariate(args.rate))
-            await asyncio.gather(*tasks)
-        else:
-            pending = list(range(len(work.prompts)))
-
-            async def client() -> None:
-                while pending and not (deadline and time.perf_counter() > deadline):
-                    await one(pending.pop(0))
-
-            await asyncio.gather(*(client() for _ in range(args.concurrency)))
-        elapsed = time.perf_counter() - start
-        bar.close()
-    return summarize("epd", results, elapsed, args)
-
-
-def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
-    headers = {"Authorization": f"Bearer {args.api_key}"}
-    return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=args.timeout))
-
-
-async def _first_model(session: aiohttp.ClientSession, url: str) -> str:
-    async with session.get(f"{url}/models") as r:
-        r.raise_for_status()
-        return str((await r.json())["data"][0]["id"])
-
-
-async def _request(
-    session: aiohttp.ClientSession, url: str, model: str, work: Workload, i: int
-) -> Result:
-    content: list[dict[str, Any]] = [
-        {"type": "image_url", "image_url": {"url": _data_url(img)}} for img in work.images[i]
-    ]
-    content.append({"type": "text", "text": work.prompts[i]})
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": work.output_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    ttft, tokens = 0.0, 0
+def run(args: argparse.Namespace) -> int:
+    if (args.compare_colocated or args.start_stack) and not args.model_dir:
+        raise SystemExit("epd bench: --compare-colocated and --start-stack need --model-dir")
+    if args.compare_colocated and (args.against or "," in args.concurrency or args.passes > 1):
+        raise SystemExit("epd bench: --compare-colocated runs alone (one level, one pass)")
     try:
-        async with session.post(f"{url}/chat/completions", json=body) as r:
-            if r.status != 200:
-                await r.read()
-                return Result(False, status=str(r.status))
-            async for line in r.content:
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                msg = json.loads(line[6:])
-                if "error" in msg:
-                    return Result(False, status="stream-error")
-                if msg.get("usage"):
-                    tokens = msg["usage"]["completion_tokens"]
-                # The gateway sends its first chunk when the first token exists (text may lag:
-                # a token can end inside a UTF-8 character, or decode to nothing).
-                if not ttft:
-                    ttft = time.perf_counter() - start
-    except (aiohttp.ClientError, TimeoutError) as e:
-        return Result(False, status=type(e).__name__)
-    e2e = time.perf_counter() - start
-    return Result(True, ttft or e2e, e2e, tokens, "200")
+        plan = build_plan(args, args.url)
+    except ValueError as e:
+        raise SystemExit(f"epd bench: {e}") from None
+    if args.start_stack:
+        from services.up import StackConfig, running_stack
+
+        cfg = StackConfig(
+            model=args.model_dir, encoders=args.encoders, dtype=args.dtype, http_port=0
+        )
+        with running_stack(cfg) as stack:
+            epd = replace(plan.systems[0], url=stack.base_url)
+            return _run(args, replace(plan, systems=(epd, *plan.systems[1:])))
+    return _run(args, plan)
 
 
-def _data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+def _run(args: argparse.Namespace, plan: sbs.Plan) -> int:
+    if args.compare_colocated:
+        return _run_colocated(args, plan)
+    per_pass = asyncio.run(sbs.run_plan(plan))
+    rows = sbs.aggregate(per_pass)
+    rel = sbs.ratios(rows, plan.systems[0].name)
+    if args.json:
+        for r in per_pass:  # raw samples stay out of the JSON; the rows carry the percentiles
+            del r["ttft_samples"], r["tpot_samples"]
+        print(json.dumps({"rows": rows, "ratios": rel, "passes": per_pass}))
+    else:
+        names = ", ".join(f"{x.name} ({x.url})" for x in plan.systems)
+        head = f"systems: {names}; {plan.passes} pass(es), tok/s = median over passes, "
+        sbs.print_report(rows, rel, head + "latencies = all passes' requests")
+    return 0 if not any(r["errors"] for r in rows) else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# --compare-colocated
+
+
+def _run_colocated(args: argparse.Namespace, plan: sbs.Plan) -> int:
+    cell = plan.cells[0]
+    work = build_workload(cell.workload, args.seed)
+    col = Colocated(args, work)
+    interleave = cell.shape.concurrency == 1 and not args.rate and not args.no_interleave
+    url = plan.systems[0].url
+    reports = asyncio.run(_measure(args, work, url, col, cell.shape, interleave))
+    if args.json:
+        print(json.dumps({"reports": reports}))
+    else:
+        _print(reports)
+    return 0 if not reports[0]["errors"] else 1
 
 
 class Colocated:
@@ -218,11 +250,17 @@ class Colocated:
                     ttft = ttft or time.perf_counter() - t0
         except (ValueError, RuntimeError) as e:
             return Result(False, status=type(e).__name__)
-        return Result(True, ttft, time.perf_counter() - t0, tokens, "ok")
+        return Result(True, ttft, time.perf_counter() - t0, tokens, "ok", len(ids))
+
+    async def warm(self) -> None:
+        warm = SamplingParams(max_tokens=2, ignore_eos=True)
+        ids, images = await self.pipe.inputs(self.work.images[0], self.work.prompts[0], {})
+        async for _ in self.pipe.stream(ids, images, warm):
+            pass
 
 
-async def run_colocated(args: argparse.Namespace, work: Workload, col: Colocated) -> dict[str, Any]:
-    """Every request through the colocated pipeline, `--concurrency` at a time (closed loop)."""
+async def run_colocated(work: Workload, col: Colocated, shape: LoadShape) -> dict[str, Any]:
+    """Every request through the colocated pipeline, `shape.concurrency` at a time."""
     results: list[Result] = []
     pending = list(range(len(work.prompts)))
     bar = tqdm(total=len(pending), leave=False, desc="colocated", unit="req")
@@ -233,117 +271,56 @@ async def run_colocated(args: argparse.Namespace, work: Workload, col: Colocated
             bar.update(1)
 
     start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(args.concurrency)))
+    await asyncio.gather(*(client() for _ in range(shape.concurrency)))
     bar.close()
-    return summarize("colocated", results, time.perf_counter() - start, args)
+    return summarize("colocated", results, time.perf_counter() - start, shape)
 
 
 async def run_interleaved(
-    args: argparse.Namespace, work: Workload, url: str, col: Colocated
+    args: argparse.Namespace, work: Workload, url: str, col: Colocated, shape: LoadShape
 ) -> list[dict[str, Any]]:
     """Concurrency 1, the gateway and the colocated pipeline taking turns; each system's
     throughput is over the time spent in its own requests."""
     results: dict[str, list[Result]] = {"epd": [], "colocated": []}
     busy = {"epd": 0.0, "colocated": 0.0}
-    async with _session(args) as session:
-        model = args.model or await _first_model(session, url)
+    async with session(args.api_key, args.timeout) as s:
+        model = args.model or await first_model(s, url)
         for i in tqdm(range(len(work.prompts)), leave=False, desc="epd | colocated", unit="pair"):
             order = ("epd", "colocated") if i % 2 == 0 else ("colocated", "epd")
             for system in order:
                 t0 = time.perf_counter()
                 if system == "epd":
-                    r = await _request(session, url, model, work, i)
+                    r = await request(s, url, model, work, i)
                 else:
                     r = await col.request(i)
                 busy[system] += time.perf_counter() - t0
                 results[system].append(r)
-    return [summarize(name, results[name], busy[name], args) for name in ("epd", "colocated")]
-
-
-def summarize(
-    system: str, results: list[Result], elapsed: float, args: argparse.Namespace
-) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
-    errors: dict[str, int] = {}
-    for r in results:
-        if not r.ok:
-            errors[r.status] = errors.get(r.status, 0) + 1
-    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    return {
-        "system": system,
-        "concurrency": args.concurrency if not args.rate else None,
-        "rate": args.rate,
-        "requests": len(results),
-        "errors": errors,
-        "elapsed_s": elapsed,
-        "requests_per_s": len(ok) / elapsed if elapsed else 0.0,
-        "output_tok_s": sum(r.output_tokens for r in ok) / elapsed if elapsed else 0.0,
-        "ttft_s": _percentiles([r.ttft for r in ok]),
-        "tpot_s": _percentiles(tpots),
-        "e2e_s": _percentiles([r.e2e for r in ok]),
-    }
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    values = sorted(values)
-    pick = {p: values[min(len(values) - 1, int(p / 100 * len(values)))] for p in (90, 99)}
-    return {"p50": statistics.median(values), "p90": pick[90], "p99": pick[99]}
-
-
-def run(args: argparse.Namespace) -> int:
-    if (args.compare_colocated or args.start_stack) and not args.model_dir:
-        raise SystemExit("epd bench: --compare-colocated and --start-stack need --model-dir")
-    work = build_workload(args)
-    col = Colocated(args, work) if args.compare_colocated else None
-    interleave = (
-        col is not None and args.concurrency == 1 and not args.rate and not args.no_interleave
-    )
-    if args.start_stack:
-        from services.up import StackConfig, running_stack
-
-        cfg = StackConfig(model=args.model_dir, encoders=args.encoders, http_port=0)
-        with running_stack(cfg) as stack:
-            reports = asyncio.run(_measure(args, work, stack.base_url, col, interleave))
-    else:
-        reports = asyncio.run(_measure(args, work, args.url, col, interleave))
-    if args.json:
-        print(json.dumps({"reports": reports}))
-    else:
-        _print(reports)
-    return 0 if not reports[0]["errors"] else 1
+    return [summarize(name, results[name], busy[name], shape) for name in ("epd", "colocated")]
 
 
 async def _measure(
-    args: argparse.Namespace, work: Workload, url: str, col: Colocated | None, interleave: bool
+    args: argparse.Namespace,
+    work: Workload,
+    url: str,
+    col: Colocated,
+    shape: LoadShape,
+    interleave: bool,
 ) -> list[dict[str, Any]]:
-    await _warm(args, url)
-    if col is None:
-        return [await run_gateway(args, work, url)]
+    """The stack and the colocated pipeline on the same requests: in turns at concurrency 1,
+    else the stack first, then the pipeline at the same concurrency."""
     await col.pipe.engine.start()
     try:
-        await _warm_colocated(col)
-        if interleave:
-            return await run_interleaved(args, work, url, col)
-        # The stack first, then the colocated pipeline at the same concurrency.
-        return [await run_gateway(args, work, url), await run_colocated(args, work, col)]
+        await col.warm()
+        async with session(args.api_key, args.timeout) as s:
+            model = args.model or await first_model(s, url)
+            warm = build_workload(WorkloadSpec("warm", 1, 1, (64, 64), 2, 2), 999_999)
+            await run_load(s, url, model, warm, LoadShape(), "warm-up")
+            if interleave:
+                return await run_interleaved(args, work, url, col, shape)
+            epd = summarize("epd", *(await run_load(s, url, model, work, shape, "requests")), shape)
+        return [epd, await run_colocated(work, col, shape)]
     finally:
         await col.pipe.engine.stop()
-
-
-async def _warm_colocated(col: Colocated) -> None:
-    warm = SamplingParams(max_tokens=2, ignore_eos=True)
-    ids, images = await col.pipe.inputs(col.work.images[0], col.work.prompts[0], {})
-    async for _ in col.pipe.stream(ids, images, warm):
-        pass
-
-
-async def _warm(args: argparse.Namespace, url: str) -> None:
-    """One request through every stage before measuring (first-call costs are not the system's)."""
-    w = Workload(["warm up"], [[synthetic_image(64, 64, 999_999)]], 2)
-    ns = argparse.Namespace(**{**vars(args), "requests": 1, "rate": None, "concurrency": 1})
-    await run_gateway(ns, w, url)
 
 
 def _print(reports: list[dict[str, Any]]) -> None:

@@ -29,10 +29,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "bench.generate",
         "prefill/decode tokens/s of `epd generate` vs transformers",
     ),
-    "bench": ("bench.load", "load-test a running gateway (optionally vs the colocated pipeline)"),
+    "bench": (
+        "bench.load",
+        "load-test the gateway, side by side with other OpenAI-compatible servers (--against)",
+    ),
     "bench-engine": (
         "bench.engine",
         "language engine vs transformers (CPU); decode tok/s vs HBM peak (--device cuda)",
+    ),
+    "bench-step": (
+        "bench.step_profile",
+        "one engine step at several batch sizes, timed by component (CPU)",
+    ),
+    "bench-cpu-kernels": (
+        "bench.cpu_kernels",
+        "CPU prototypes vs the engine's kernels: MoE experts, decode attention, threads",
     ),
     "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
     "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),

@@ -4,6 +4,19 @@ The model is built and saved by transformers' own classes (so it is a genuine ch
 transformers loads), with a byte-level BPE tokenizer trained here on a built-in text and the Qwen
 special tokens, the Qwen3-VL chat template, a generation config and the image-processor config.
 The same seed gives the same bytes.
+
+Made to be served by other engines too (vLLM loads these without conversion):
+ * the tokenizer names every id of the model's vocabulary: BPE training on the small corpus gives
+   only a few hundred tokens (444 for `small`'s 4096 ids), so a random model would mostly emit ids
+   that decode to "" and a streaming client would see no text for them. The missing ids get
+   decode-only entries " t<id>" (no merge produces them, so prompts tokenize as before). The 128
+   single-byte tokens of non-ASCII bytes remain: alone they are an incomplete UTF-8 character,
+   which a streaming server holds back until the next token completes the chunk;
+ * the text config carries `"norm_topk_prob": true` (transformers 5.x no longer writes it because
+   Qwen3-VL-MoE always renormalises; vLLM reads it);
+ * `expert_layout="hub"` stores the fused experts as the hub's 4.57-era checkpoints do,
+   `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` (vLLM 0.32 only loads that layout), instead
+   of transformers 5.x's `[E, 2I, H]` / `[E, H, I]`. transformers and epd load either, by shape.
 """
 
 from __future__ import annotations
@@ -87,6 +100,8 @@ PRESETS = {
     ),
 }  # fmt: skip
 ARCHS = ("qwen3_vl_moe", "qwen3_vl", "qwen3_moe")
+EXPERT_LAYOUTS = ("transformers", "hub")
+_FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def make_tiny_model(
@@ -95,14 +110,24 @@ def make_tiny_model(
     seed: int = 0,
     arch: str = "qwen3_vl_moe",
     deepstack: tuple[int, ...] | None = None,
+    expert_layout: str = "transformers",
 ) -> Path:
-    """Write the checkpoint to `out_dir` (created) and return its path."""
+    """Write the checkpoint to `out_dir` (created) and return its path. `expert_layout`:
+    "transformers" (5.x, `[E, 2I, H]` / `[E, H, I]`) or "hub" (`[E, H, 2I]` / `[E, I, H]`); the
+    same seed gives the same weights in either."""
     import torch
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(
+            f"unknown expert layout {expert_layout!r} (choose from {', '.join(EXPERT_LAYOUTS)})"
+        )
+    if expert_layout == "hub" and arch != "qwen3_vl_moe":
+        # Plain Qwen3-MoE hub checkpoints store one tensor per expert, not a transposed fusion.
+        raise ValueError("expert_layout='hub' is the qwen3_vl_moe hub layout; use that arch")
     p = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +136,8 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = _build_model(arch, p, ids, deepstack)
     model.save_pretrained(out)
+    if expert_layout == "hub":
+        _to_hub_expert_layout(out)
     _write_generation_config(out, ids)
     if arch != "qwen3_moe":
         _write_image_processor(out, p)
@@ -144,9 +171,12 @@ def _text_config(p: Preset, ids: dict[str, int], moe: bool) -> dict[str, Any]:
         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )  # fmt: skip
     if moe:
+        # norm_topk_prob: Qwen3-VL-MoE always renormalises (transformers 5.x ignores the field);
+        # written as the hub's configs have it, for engines that read it.
         cfg.update(
             num_experts=p.experts, num_experts_per_tok=p.top_k,
             moe_intermediate_size=p.moe_intermediate, decoder_sparse_step=1, mlp_only_layers=[],
+            norm_topk_prob=True,
         )  # fmt: skip
     return cfg
 
@@ -159,7 +189,7 @@ def _build_model(
     if arch == "qwen3_moe":
         text = _text_config(p, ids, moe=True)
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
-        cfg = tf.Qwen3MoeConfig(**text, norm_topk_prob=True, tie_word_embeddings=False)
+        cfg = tf.Qwen3MoeConfig(**text, tie_word_embeddings=False)
         return tf.Qwen3MoeForCausalLM(cfg).eval()
     text = _text_config(p, ids, moe=arch == "qwen3_vl_moe")
     text["rope_parameters"] = _mrope_parameters(p)
@@ -200,6 +230,7 @@ def _write_tokenizer(out: Path, p: Preset) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
+    tok = _name_every_id(tok, p.vocab_size)
     template = (Path(__file__).parent / "chat_template.jinja").read_text()
     wrapped = Qwen2TokenizerFast(
         tokenizer_object=tok,
@@ -212,6 +243,37 @@ def _write_tokenizer(out: Path, p: Preset) -> Any:
     )
     wrapped.save_pretrained(out)
     return wrapped
+
+
+def _name_every_id(tok: Any, vocab_size: int) -> Any:
+    """The trained tokenizer plus a decode-only vocab entry " t<id>" for every id in
+    [0, vocab_size) it does not name. No merge rule produces these (the pre-tokenizer also splits
+    digits one by one), so encoding is unchanged; decoding any id the model emits gives text."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    named = set(vocab.values()) | {t["id"] for t in spec["added_tokens"]}
+    for i in range(vocab_size):
+        if i not in named:
+            vocab[f"\u0120t{i}"] = i  # byte-level "Ġ" is the space byte
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _to_hub_expert_layout(out: Path) -> None:
+    """Rewrite `model.safetensors` with each layer's fused experts transposed to the hub layout:
+    gate_up_proj `[E, 2I, H]` -> `[E, H, 2I]`, down_proj `[E, H, I]` -> `[E, I, H]`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = out / "model.safetensors"
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    for key, t in tensors.items():
+        if key.endswith(_FUSED_EXPERTS):
+            tensors[key] = t.transpose(1, 2).contiguous()
+    save_file(tensors, path, metadata=metadata)
 
 
 def _write_generation_config(out: Path, ids: dict[str, int]) -> None:
@@ -258,6 +320,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated vision block indexes for deepstack (preset default)",
     )
+    parser.add_argument(
+        "--expert-layout",
+        choices=EXPERT_LAYOUTS,
+        default="transformers",
+        help="fused-expert tensors as transformers 5.x saves them ([E, 2I, H] / [E, H, I]) or as "
+        "the hub's checkpoints store them ([E, H, 2I] / [E, I, H]; what vLLM 0.32 loads). "
+        "transformers and epd load either; default: %(default)s",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
 
 
@@ -266,7 +336,10 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise SystemExit(f"epd make-tiny-model: {out} is not empty (use --force to overwrite)")
     deepstack = tuple(int(i) for i in args.deepstack.split(",")) if args.deepstack else None
-    make_tiny_model(out, preset=args.preset, seed=args.seed, arch=args.arch, deepstack=deepstack)
+    make_tiny_model(
+        out, preset=args.preset, seed=args.seed, arch=args.arch, deepstack=deepstack,
+        expert_layout=args.expert_layout,
+    )  # fmt: skip
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {args.arch} ({args.preset}) checkpoint to {out} ({size / 2**20:.1f} MiB)")
     return 0

@@ -145,6 +145,36 @@ def test_bench_compares_with_the_colocated_pipeline_in_turns(stack, tiny_model):
         assert r["output_tok_s"] > 0 and 0 < r["ttft_s"]["p50"] <= r["e2e_s"]["p50"]
 
 
+def test_bench_against_a_second_stack_interleaves_the_same_requests(stack, tiny_model):
+    """`epd bench --start-stack --against URL`: the same requests on a stack started here and on
+    this module's stack, every workload and level, in passes whose system order rotates."""
+    out = subprocess.run(
+        [EPD, "bench", "--start-stack", "--model-dir", str(tiny_model), "--api-key", KEY,
+         "--against", f"other={stack.base_url}", "--workloads", "image,text",
+         "--concurrency", "1,2", "--requests", "2", "--warmup", "1", "--passes", "2",
+         "--output-tokens", "3", "--image-size", "64x48", "--prompt-words", "4", "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    cells = [("image", 1), ("image", 2), ("text", 1), ("text", 2)]
+    rows = report["rows"]
+    assert [(r["workload"], r["concurrency"], r["system"]) for r in rows] == [
+        (w, c, s) for w, c in cells for s in ("epd", "other")
+    ]
+    for r in rows:
+        assert r["requests"] == 4 and r["passes"] == 2 and r["errors"] == {}
+        assert r["output_tokens_avg"] == 3 and r["output_tok_s"] > 0
+        assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["tpot_s"]["p50"] > 0
+    for a, b in zip(rows[::2], rows[1::2], strict=True):  # same checkpoint, same requests
+        assert a["prompt_tokens_avg"] == b["prompt_tokens_avg"]
+    image, text = rows[0]["prompt_tokens_avg"], rows[4]["prompt_tokens_avg"]
+    assert image > text  # the image's pad tokens
+    order = [(r["pass_no"], r["system"]) for r in report["passes"]]
+    assert order[:2] == [(0, "epd"), (0, "other")] and order[8:10] == [(1, "other"), (1, "epd")]
+    assert [q["systems"] for q in report["ratios"]] == ["epd/other"] * 4
+    assert all(len(q["output_tok_s_per_pass"]) == 2 for q in report["ratios"])
+
+
 def encoder_metric(stack, name: str) -> list[float]:
     return role_metric(stack, "encoder", name)
 
@@ -294,6 +324,13 @@ def wait_until_healthy(stack, timeout: float = 10.0) -> None:
     raise AssertionError("encoders did not recover")
 
 
+def serving(address: str) -> bool:
+    try:
+        return health_check(address, timeout=2.0) == "SERVING"
+    except grpc.RpcError:  # not listening (yet)
+        return False
+
+
 def test_killing_encoders_under_load_fails_no_request_and_spares_the_language_replica(
     tiny_model, png
 ):
@@ -352,7 +389,7 @@ def test_killing_encoders_under_load_fails_no_request_and_spares_the_language_re
         image_retries = gateway_metric(s, 'epd_gateway_image_retries_total{reason="producer_lost"}')
         language_down = gateway_metric(s, 'epd_gateway_backends_marked_down_total{pool="language"}')
         end = time.monotonic() + 60
-        while not all(v.restarts and health_check(v.grpc_address) == "SERVING" for v in victims):
+        while not all(v.restarts and serving(v.grpc_address) for v in victims):
             assert time.monotonic() < end, "the killed encoders were not restarted"
             time.sleep(0.5)
         assert [v.proc.pid for v in victims] != pids
@@ -437,6 +474,12 @@ def test_logprobs_seed_and_stop_strings(stack, tiny_model):
 
 
 def test_client_disconnect_aborts_the_generation_downstream(stack):
+    # Earlier tests' requests must have settled first: the stop-string test's downstream abort
+    # can land after it returns, and would be counted as this test's.
+    running = "epd_language_running_requests"
+    end = time.monotonic() + 10
+    while role_metric(stack, "language", running) != [0.0] and time.monotonic() < end:
+        time.sleep(0.1)
     aborted = role_metric(stack, "language", 'epd_language_requests_total{finish_reason="abort"}')
     c = client(stack)
     stream = c.chat.completions.create(

@@ -14,6 +14,7 @@ from services.encoder.preprocess import preprocess
 from services.language.attention import ContiguousKVCache
 from services.language.inputs import scatter_images
 from services.language.mrope import mrope_positions
+from services.tiny_model import make_tiny_model
 
 PROMPT = "Describe these images in detail."
 
@@ -147,6 +148,25 @@ def test_hub_expert_layout_loads_to_the_same_model(tiny_model, tmp_path, png, or
     assert torch.equal(v5, from_hub)
     hf = oracle(tiny_model)
     assert (from_hub - hf.logits(hf.inputs(images, PROMPT))).abs().max().item() < 1e-4
+
+
+def test_make_tiny_model_writes_the_hub_layout_on_request(tiny_model, tmp_path, png, oracle):
+    """`expert_layout="hub"`: the same seed's weights with the fused experts transposed, and a
+    config with norm_topk_prob (what vLLM reads); both loaders give the same model."""
+    hub = make_tiny_model(tmp_path / "hub", preset="tiny", seed=0, expert_layout="hub")
+    ref, ours = load_file(tiny_model / "model.safetensors"), load_file(hub / "model.safetensors")
+    assert ref.keys() == ours.keys()
+    fused = [k for k in ref if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(fused) == 2 * 4
+    for key, t in ref.items():
+        assert torch.equal(ours[key], t.transpose(1, 2) if key in fused else t), key
+    assert json.loads((hub / "config.json").read_text())["text_config"]["norm_topk_prob"] is True
+    images = [png(150, 100, 1)]
+    _, v5 = prefill_logits(ColocatedPipeline(tiny_model), images, PROMPT)
+    _, from_hub = prefill_logits(ColocatedPipeline(hub), images, PROMPT)
+    assert torch.equal(v5, from_hub)
+    hf_hub = oracle(hub)
+    assert (from_hub - hf_hub.logits(hf_hub.inputs(images, PROMPT))).abs().max().item() < 1e-4
 
 
 def test_per_expert_text_checkpoint_loads_to_the_same_model(tiny_text_moe, tmp_path):

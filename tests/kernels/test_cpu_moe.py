@@ -1,0 +1,83 @@
+"""The CPU MoE prototypes (services/language/kernels/cpu_moe.py) against the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.language.kernels import cpu_moe, torch_ref
+
+E, H, I, K = 6, 128, 64, 2  # noqa: E741 (the config names) multiples of 64 (the C++ tiles); expert 5 never gets a row
+
+
+def inputs(t: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * H**-0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=g) * I**-0.5).to(dtype)
+    x = torch.randn(t, H, generator=g).to(dtype)
+    logits = torch.randn(t, E, generator=g)
+    logits[:, 5] = -1e9  # an expert without rows: its weights must not matter
+    w, experts = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+    return x, gate_up, down, (w / w.sum(-1, keepdim=True)).to(dtype), experts
+
+
+def reference(x, gate_up, down, w, experts):
+    lay = torch_ref.grouped_mm_layout
+    return torch_ref.fused_moe(x, lay(gate_up), lay(down), w, experts)
+
+
+@pytest.mark.parametrize("t", [1, 5, 33])
+def test_active_loop_equals_the_reference(t):
+    x, gu, dn, w, ex = inputs(t, torch.float32)
+    ours = cpu_moe.active_loop(
+        x, cpu_moe.prepare_active_loop(gu), cpu_moe.prepare_active_loop(dn), w, ex
+    )
+    assert torch.equal(ours, reference(x, gu, dn, w, ex))
+
+
+def test_packed_layouts_hold_the_same_weights():
+    w = torch.arange(E * 64 * 6, dtype=torch.float32).view(E, 64, 6)  # [E, N, K]
+    panels = cpu_moe.prepare_cpp(w)  # [E, N/16, K, 16]
+    assert panels.shape == (E, 4, 6, 16)
+    assert torch.equal(panels[2, 1, 3], w[2, 16:32, 3])
+    pairs = cpu_moe.prepare_cpp(w, dpbf16=True)  # [E, N/16, K/2, 16, 2]
+    assert pairs.shape == (E, 4, 3, 16, 2)
+    assert torch.equal(pairs[2, 1, 1, 5], w[2, 16 + 5, 2:4])
+    with pytest.raises(ValueError, match="N % 64"):
+        cpu_moe.prepare_cpp(torch.zeros(E, 48, 6))
+
+
+def _has_avx512_bf16() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
+
+
+needs_cpp = pytest.mark.skipif(
+    not _has_avx512_bf16(), reason="the C++ prototype is built for AVX512-BF16 CPUs"
+)
+
+
+@needs_cpp
+@pytest.mark.parametrize("t", [1, 5, 33])
+def test_cpp_tiles_match_the_reference_in_fp32(t):
+    x, gu, dn, w, ex = inputs(t, torch.float32, seed=t)
+    ref = reference(x, gu, dn, w, ex)
+    ours = cpu_moe.cpp_moe(x, cpu_moe.prepare_cpp(gu), cpu_moe.prepare_cpp(dn), w, ex)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+
+
+@needs_cpp
+@pytest.mark.parametrize("dpbf16", [False, True])
+def test_cpp_tiles_in_bf16_are_as_close_to_fp32_math_as_the_reference(dpbf16):
+    x, gu, dn, w, ex = inputs(33, torch.bfloat16, seed=7)
+    exact = torch_ref.fused_moe(x.float(), gu.float(), dn.float(), w.float(), ex)
+    ref = reference(x, gu, dn, w, ex)
+    ours = cpu_moe.cpp_moe(
+        x, cpu_moe.prepare_cpp(gu, dpbf16), cpu_moe.prepare_cpp(dn, dpbf16), w, ex, dpbf16
+    )
+    assert ours.dtype == torch.bfloat16
+    ref_err = (ref.float() - exact).abs().max().item()
+    assert 0 < (ours.float() - exact).abs().max().item() <= ref_err

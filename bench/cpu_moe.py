@@ -21,10 +21,43 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from services.language.kernels import cpu_moe, torch_ref
 
 Fn = Callable[[], torch.Tensor]
+
+
+def prepare_active_loop(w: torch.Tensor) -> torch.Tensor:
+    """`w [E, N, K]` -> contiguous `[E, K, N]`, the `x @ w[e]` operand (the storage that
+    `torch_ref.grouped_mm_layout` keeps; there it is viewed back as `[E, N, K]`)."""
+    return w.transpose(-2, -1).contiguous()
+
+
+def active_loop(
+    x: torch.Tensor,
+    gate_up_kn: torch.Tensor,
+    down_kn: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+) -> torch.Tensor:
+    """gate_up_kn `[E, H, 2I]`, down_kn `[E, I, H]` (from `prepare_active_loop`)."""
+    t, k = experts.shape
+    flat = experts.flatten()  # [T*K]
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=gate_up_kn.shape[0]).tolist()
+    routing = weights.flatten()
+    out = x.new_empty(t * k, x.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx = order[start : start + n]  # [n] rows of the [T*K] layout routed to expert e
+        start += n
+        gate, up = torch.mm(x[idx // k], gate_up_kn[e]).chunk(2, dim=-1)  # [n, I] each
+        y = torch.mm(F.silu(gate) * up, down_kn[e])  # [n, H]
+        out[idx] = y * routing[idx, None]
+    return out.view(t, k, -1).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -69,7 +102,7 @@ def formulations(
     pk_gu, pk_dn = cpu_moe.prepare_cpp(gate_up), cpu_moe.prepare_cpp(down)
     out: dict[str, Callable[..., torch.Tensor]] = {
         "reference (grouped_mm)": lambda x, w, e: torch_ref.fused_moe(x, ref_gu, ref_dn, w, e),
-        "active experts, torch.mm": lambda x, w, e: cpu_moe.active_loop(x, kn_gu, kn_dn, w, e),
+        "active experts, torch.mm": lambda x, w, e: active_loop(x, kn_gu, kn_dn, w, e),
         "C++ tiles (fp32 FMA)": lambda x, w, e: cpu_moe.cpp_moe(x, pk_gu, pk_dn, w, e),
     }
     if dtype == torch.bfloat16:

@@ -41,6 +41,13 @@ def tiny_text_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3-VL-MoE, small preset: hidden 512, expert intermediate 384, 16 experts top-4 (sizes
+    the C++ CPU expert kernel takes, unlike the tiny preset's)."""
+    return make_tiny_model(tmp_path_factory.mktemp("small-vl-moe"), preset="small", seed=0)
+
+
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A test CA and two certificates it signed, made with the openssl CLI: `server` (for
     localhost and 127.0.0.1) and `client`. Keys are "<name>.key", certificates "<name>.crt"."""

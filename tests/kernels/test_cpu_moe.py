@@ -1,12 +1,12 @@
-"""The CPU MoE prototypes (services/language/kernels/cpu_moe.py) against the reference."""
+"""The CPU MoE kernel (services/language/kernels/cpu_moe.py) against the reference, and the
+active-experts formulation the benchmark compares it with."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench.cpu_moe import active_loop, prepare_active_loop
 from services.language.kernels import cpu_moe, torch_ref
 
 E, H, I, K = 6, 128, 64, 2  # noqa: E741 (the config names) multiples of 64 (the C++ tiles); expert 5 never gets a row
@@ -31,9 +31,7 @@ def reference(x, gate_up, down, w, experts):
 @pytest.mark.parametrize("t", [1, 5, 33])
 def test_active_loop_equals_the_reference(t):
     x, gu, dn, w, ex = inputs(t, torch.float32)
-    ours = cpu_moe.active_loop(
-        x, cpu_moe.prepare_active_loop(gu), cpu_moe.prepare_active_loop(dn), w, ex
-    )
+    ours = active_loop(x, prepare_active_loop(gu), prepare_active_loop(dn), w, ex)
     assert torch.equal(ours, reference(x, gu, dn, w, ex))
 
 
@@ -49,13 +47,9 @@ def test_packed_layouts_hold_the_same_weights():
         cpu_moe.prepare_cpp(torch.zeros(E, 48, 6))
 
 
-def _has_avx512_bf16() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
-
-
 needs_cpp = pytest.mark.skipif(
-    not _has_avx512_bf16(), reason="the C++ prototype is built for AVX512-BF16 CPUs"
+    not (cpu_moe.supported() and cpu_moe.has_bf16_dot()),
+    reason="the C++ kernel needs an AVX-512 CPU (and AVX512-BF16 for its bf16 path)",
 )
 
 
@@ -81,3 +75,18 @@ def test_cpp_tiles_in_bf16_are_as_close_to_fp32_math_as_the_reference(dpbf16):
     assert ours.dtype == torch.bfloat16
     ref_err = (ref.float() - exact).abs().max().item()
     assert 0 < (ours.float() - exact).abs().max().item() <= ref_err
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_pick_the_kernel_and_others_fall_back(dtype):
+    x, gu, dn, w, ex = inputs(9, dtype, seed=3)
+    packed = cpu_moe.pack_experts(gu)
+    assert packed.ndim == (5 if dtype == torch.bfloat16 else 4)
+    ours = cpu_moe.fused_moe(x, packed, cpu_moe.pack_experts(dn), w, ex)
+    exact = torch_ref.fused_moe(x.float(), gu.float(), dn.float(), w.float(), ex)
+    assert (ours.float() - exact).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
+    # A layer whose sizes the tiles cannot take keeps the reference's layout and kernel.
+    odd = torch.randn(4, 48, 64)
+    assert cpu_moe.pack_experts(odd).shape == odd.shape
+    assert torch.equal(cpu_moe.pack_experts(odd), odd)

@@ -17,10 +17,18 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_device_picks_backend(monkeypatch) -> None:
+    from services.language.kernels import cpu_moe
+
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert kernels.backend_for(CPU) == "torch"
+    if cpu_moe.supported():  # the C++ experts on AVX-512 CPUs, the reference for the rest
+        assert kernels.backend_for(CPU) == "cpu"
+        assert kernels.moe_kernel(CPU) is cpu_moe.fused_moe
+        assert kernels.moe_weight_layout(CPU) is cpu_moe.pack_experts
+    else:
+        assert kernels.backend_for(CPU) == "torch"
+        assert kernels.moe_kernel(CPU) is torch_ref.fused_moe
     assert kernels.backend_for(CUDA) == "triton"
-    assert kernels.moe_kernel(CPU) is torch_ref.fused_moe
+    assert kernels.moe_kernel(CPU, force="torch") is torch_ref.fused_moe
     assert kernels.rms_norm_kernel(CPU) is torch_ref.rms_norm
     assert isinstance(kernels.attention_kernel(CPU), kernels.TorchAttention)
 

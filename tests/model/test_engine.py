@@ -178,3 +178,36 @@ def test_bad_requests_are_refused_by_the_contract_before_the_engine(tiny_model):
         asyncio.run(first([1, 2, 3], [img]))
     assert engine.blocks.num_used == 0 and engine.held_image_bytes == 0
     assert engine.running_ids == set()
+
+
+def _top2_margin(hf, inputs, prefix: list[int]) -> float:
+    """transformers' margin between its two most likely next tokens after `prefix`."""
+    ids = torch.cat([inputs["input_ids"], torch.tensor([prefix], dtype=torch.long)], dim=1)
+    extended = {**inputs, "input_ids": ids}
+    if "mm_token_type_ids" in inputs:
+        pad = torch.zeros(1, len(prefix), dtype=inputs["mm_token_type_ids"].dtype)
+        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], dim=1)
+    top = hf.logits(extended)[-1].topk(2).values
+    return float(top[0] - top[1])
+
+
+def test_the_cpu_expert_kernel_keeps_transformers_greedy_tokens(small_model, oracle, png):
+    """The small preset's experts run through the C++ kernel where the CPU has one (their sizes
+    fit its tiles): batched, chunked requests with images give transformers' greedy tokens; a
+    token may differ only where transformers' own top-2 margin is below 1e-3 (fp32 GEMM
+    rounding, ~1e-6, can then flip it)."""
+    from services.language.kernels import cpu_moe
+
+    pipe = ColocatedPipeline(small_model)
+    experts = pipe.decoder.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.ndim == (4 if cpu_moe.supported() else 3)
+    reqs = build_requests(pipe, png, 5, seed=11)
+    engine = make_engine(small_model, kv_bytes=64 << 20, max_batch_tokens=48)
+    results = asyncio.run(run_all(engine, reqs))
+    hf = oracle(small_model)
+    for (tokens, _), (_, _, mt, raw, prompt) in zip(results, reqs, strict=True):
+        inputs = hf.inputs(raw, prompt)
+        want = hf.generate(inputs, mt)
+        j = next((i for i, (a, b) in enumerate(zip(tokens, want, strict=True)) if a != b), None)
+        if j is not None:
+            assert _top2_margin(hf, inputs, want[:j]) < 1e-3, (j, tokens, want)

@@ -2,8 +2,10 @@
 
 `torch_ref` holds the plain-torch reference implementations, which run everywhere
 and define the expected results. The `triton_*` modules hold the GPU kernels, imported lazily and
-chosen for CUDA tensors when Triton is installed. `EPD_KERNELS=torch|triton` (or `force=`) picks
-one for every device; forcing Triton on a CPU tensor works only under `TRITON_INTERPRET=1`.
+chosen for CUDA tensors when Triton is installed. `cpu_moe` holds the C++ expert kernel, chosen
+for CPU tensors on CPUs with AVX-512 (the rest of the CPU path is the reference).
+`EPD_KERNELS=torch|triton|cpu` (or `force=`) picks one for every device; forcing Triton on a CPU
+tensor works only under `TRITON_INTERPRET=1`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 from services.language.kernels import torch_ref
 from services.language.kernels.torch_ref import paged_attention
 
-Backend = Literal["torch", "triton"]
-BACKENDS: tuple[Backend, ...] = ("torch", "triton")
+Backend = Literal["torch", "triton", "cpu"]
+BACKENDS: tuple[Backend, ...] = ("torch", "triton", "cpu")
 ENV_VAR = "EPD_KERNELS"
 
 Seqs = list[tuple[int, int, torch.Tensor]]  # (q_start, q_len, kv_slots) per sequence
@@ -69,20 +71,34 @@ def triton_available() -> bool:
 
 
 def backend_for(device: torch.device, force: str | None = None) -> Backend:
-    """`force`, else `$EPD_KERNELS`, else Triton for CUDA tensors when installed, else torch."""
+    """`force`, else `$EPD_KERNELS`, else Triton for CUDA tensors when installed, the C++ CPU
+    kernels for CPU tensors on AVX-512 CPUs, else torch."""
     choice = force or os.environ.get(ENV_VAR) or None
     if choice is None:
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available() else "torch"
+        return "cpu" if device.type == "cpu" and cpu_kernels_supported() else "torch"
     if choice not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {choice!r}")
-    return "triton" if choice == "triton" else "torch"
+    return choice  # type: ignore[return-value]
+
+
+def cpu_kernels_supported() -> bool:
+    from services.language.kernels import cpu_moe
+
+    return cpu_moe.supported()
 
 
 def moe_kernel(device: torch.device, force: str | None = None) -> MoeFn:
-    if backend_for(device, force) == "triton":
+    backend = backend_for(device, force)
+    if backend == "triton":
         from services.language.kernels import triton_moe
 
         return triton_moe.fused_moe
+    if backend == "cpu":
+        from services.language.kernels import cpu_moe
+
+        return cpu_moe.fused_moe
     return torch_ref.fused_moe
 
 
@@ -90,8 +106,13 @@ def moe_weight_layout(
     device: torch.device, force: str | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """How the MoE kernel wants expert weights `[E, N, K]` stored (applied once, at load)."""
-    if backend_for(device, force) == "triton":
+    backend = backend_for(device, force)
+    if backend == "triton":
         return lambda w: w  # the Triton kernels read tiles K-contiguous from the row-major layout
+    if backend == "cpu":
+        from services.language.kernels import cpu_moe
+
+        return cpu_moe.pack_experts
     return torch_ref.grouped_mm_layout
 
 

@@ -17,20 +17,23 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_device_picks_backend(monkeypatch) -> None:
-    from services.language.kernels import cpu_moe
+    from services.language.kernels import cpu_ext, cpu_moe
+    from services.language.kernels.cpu_attention import CpuAttention
 
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    if cpu_moe.supported():  # the C++ experts on AVX-512 CPUs, the reference for the rest
+    if kernels.cpu_kernels_supported():  # the C++ kernels on AVX-512 CPUs
+        assert cpu_ext.extension() is not None
         assert kernels.backend_for(CPU) == "cpu"
         assert kernels.moe_kernel(CPU) is cpu_moe.fused_moe
         assert kernels.moe_weight_layout(CPU) is cpu_moe.pack_experts
+        assert isinstance(kernels.attention_kernel(CPU), CpuAttention)
     else:
         assert kernels.backend_for(CPU) == "torch"
         assert kernels.moe_kernel(CPU) is torch_ref.fused_moe
+        assert isinstance(kernels.attention_kernel(CPU), kernels.TorchAttention)
     assert kernels.backend_for(CUDA) == "triton"
     assert kernels.moe_kernel(CPU, force="torch") is torch_ref.fused_moe
     assert kernels.rms_norm_kernel(CPU) is torch_ref.rms_norm
-    assert isinstance(kernels.attention_kernel(CPU), kernels.TorchAttention)
 
 
 def test_flag_and_env_force(monkeypatch) -> None:

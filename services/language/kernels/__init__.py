@@ -2,8 +2,9 @@
 
 `torch_ref` holds the plain-torch reference implementations, which run everywhere
 and define the expected results. The `triton_*` modules hold the GPU kernels, imported lazily and
-chosen for CUDA tensors when Triton is installed. `cpu_moe` holds the C++ expert kernel, chosen
-for CPU tensors on CPUs with AVX-512 (the rest of the CPU path is the reference).
+chosen for CUDA tensors when Triton is installed. `cpu_moe` and `cpu_attention` hold the C++
+expert and decode-attention kernels (`cpu_ext` builds them), chosen for CPU tensors on CPUs with
+AVX-512 where they build (norms and prefill attention stay the reference).
 `EPD_KERNELS=torch|triton|cpu` (or `force=`) picks one for every device; forcing Triton on a CPU
 tensor works only under `TRITON_INTERPRET=1`.
 """
@@ -84,9 +85,9 @@ def backend_for(device: torch.device, force: str | None = None) -> Backend:
 
 
 def cpu_kernels_supported() -> bool:
-    from services.language.kernels import cpu_moe
+    from services.language.kernels import cpu_ext
 
-    return cpu_moe.supported()
+    return cpu_ext.supported() and cpu_ext.extension() is not None
 
 
 def moe_kernel(device: torch.device, force: str | None = None) -> MoeFn:
@@ -171,7 +172,14 @@ class TritonAttention:
 
 
 def attention_kernel(device: torch.device, force: str | None = None) -> AttentionKernel:
-    return TritonAttention() if backend_for(device, force) == "triton" else TorchAttention()
+    backend = backend_for(device, force)
+    if backend == "triton":
+        return TritonAttention()
+    if backend == "cpu":
+        from services.language.kernels.cpu_attention import CpuAttention
+
+        return CpuAttention()
+    return TorchAttention()
 
 
 __all__ = [

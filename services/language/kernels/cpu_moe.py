@@ -1,4 +1,4 @@
-"""Fused MoE experts on x86 CPUs: one C++ op (`csrc/cpu_moe.cpp`), compiled on first use.
+"""Fused MoE experts on x86 CPUs: one C++ op (`csrc/cpu_moe.cpp`, built by `cpu_ext`).
 
 The engine's CPU expert kernel when the CPU has AVX-512 (F, BW, VL) and the layer's shapes fit
 its tiles (hidden and intermediate sizes multiples of 64), in fp32 or bf16 (bf16 takes
@@ -11,71 +11,19 @@ reference's own bf16 path.
 `pack_experts` stores a layer's weights once, at load, in the kernel's panels, or in the
 reference's layout where the kernel cannot take them (shapes, dtype, CPU, or a compiler that
 fails: logged once). `fused_moe` reads the layout from the weights' rank, so a layer always runs
-the kernel its weights were packed for. Compiling takes ~18 s once per machine (gcc, -O3); the
-build is cached in $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and later loads
-take ~0.01 s.
+the kernel its weights were packed for.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import time
-from pathlib import Path
-from types import ModuleType
-
 import torch
 
 from services.language.kernels import torch_ref
+from services.language.kernels.cpu_ext import extension, has_bf16_dot, supported
 
-log = logging.getLogger(__name__)
+__all__ = ["cpp_moe", "fused_moe", "has_bf16_dot", "pack_experts", "prepare_cpp", "supported"]
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_moe.cpp"
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 TILE = 64  # hidden and intermediate sizes must be multiples of this
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return frozenset(line.split(":", 1)[-1].split())
-
-
-def supported() -> bool:
-    """Whether this CPU runs the kernel (AVX-512 F, BW and VL)."""
-    return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
-
-
-def has_bf16_dot() -> bool:
-    return "avx512_bf16" in cpu_flags()
-
-
-@functools.cache
-def extension() -> ModuleType | None:
-    """The compiled op, or None (logged) when it cannot be built here."""
-    if not supported():
-        return None
-    from torch.utils.cpp_extension import load
-
-    t0 = time.perf_counter()
-    try:
-        module = load(
-            name="epd_cpu_moe",
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=os.environ.get("EPD_CPP_VERBOSE") == "1",
-        )
-    except Exception as e:  # no compiler, old compiler: the reference serves instead
-        log.warning("the C++ MoE kernel could not be built (%s); using the torch reference", e)
-        return None
-    log.info("C++ MoE kernel ready in %.2f s", time.perf_counter() - t0)
-    return module
 
 
 def fits(w: torch.Tensor) -> bool:
@@ -135,7 +83,7 @@ def cpp_moe(
     """The C++ op on weights from `prepare_cpp` (same `dpbf16`)."""
     module = extension()
     if module is None:
-        raise RuntimeError("the C++ MoE kernel is not available on this machine")
+        raise RuntimeError("the C++ CPU kernels are not available on this machine")
     out: torch.Tensor = module.fused_moe(  # type: ignore[attr-defined]
         x.contiguous(), gate_up_packed, down_packed, weights, experts, dpbf16
     )

@@ -11,7 +11,7 @@
 //   - silu(gate) * up fused into the first GEMM's tile (rounded to bf16 on the bf16 path, as the
 //     torch reference rounds it), then the weighted sum of the top-k rows in fp32, one write per
 //     token.
-// Built on first use by services/language/kernels/cpu_moe.py (torch.utils.cpp_extension).
+// Built on first use with the other CPU kernels (services/language/kernels/cpu_ext.py).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -233,8 +233,4 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2,
               "fp32 or bf16 activations and weights");
   if (dpbf16) return moe_impl<bf16, bf16, true>(x, w13, w2, tw, ids);
   return moe_impl<bf16, bf16, false>(x, w13, w2, tw, ids);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_moe", &fused_moe, "fused MoE experts over packed weights (fp32 / bf16)");
 }

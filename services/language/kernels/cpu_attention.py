@@ -1,0 +1,48 @@
+"""Paged attention on CPUs with the C++ kernels: decode rows read the paged cache in place
+(`csrc/cpu_attention.cpp`); prefill chunks go through the torch reference (SDPA over the
+gathered context, which their queries amortise).
+
+The torch reference gathers every decode row's whole context into a padded copy and masks it;
+reading in place measured 1.5-3.2x faster at a context of 128 and 2.5-6x at 1024 for batches of
+8-32 (`epd bench-cpu-kernels --part attention`, the small and A3B shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.language.kernels import torch_ref
+from services.language.kernels.cpu_ext import extension
+
+
+class CpuAttention:
+    """The `AttentionKernel` of the CPU backend (the same metadata as the torch reference)."""
+
+    def prepare(
+        self, seqs: list[tuple[int, int, torch.Tensor]], num_kv_heads: int, device: torch.device
+    ) -> object:
+        meta = torch_ref.prepare_paged(seqs)
+        lens = None
+        if meta.decode_rows is not None:
+            lens = torch.tensor([s[2].shape[0] for s in seqs if s[1] == 1], dtype=torch.long)
+        return meta, lens
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: object,
+        scale: float,
+    ) -> torch.Tensor:
+        assert isinstance(meta, tuple)  # built by prepare
+        paged, lens = meta
+        module = extension()
+        if module is None or paged.decode_rows is None:
+            return torch_ref.paged_attention(q, k_cache, v_cache, paged, scale)
+        prefill_only = torch_ref.PagedMeta(None, None, None, paged.prefill)
+        out = torch_ref.paged_attention(q, k_cache, v_cache, prefill_only, scale)
+        rows = paged.decode_rows
+        slots = paged.decode_slots.view(rows.shape[0], -1)  # [B, L]
+        out[rows] = module.decode_attention(q[rows], k_cache, v_cache, slots, lens, scale)
+        return out

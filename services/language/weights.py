@@ -13,7 +13,7 @@ import torch
 
 from common.config import ModelConfig
 from common.weights import Checkpoint, load_module
-from services.language.model import Experts, Qwen3MoeForCausalLM
+from services.language.model import Attention, Experts, Qwen3MoeForCausalLM
 
 
 def load_decoder(
@@ -29,6 +29,8 @@ def load_decoder(
     for module in model.modules():
         if isinstance(module, Experts):
             module.use_kernel_layout()
+        elif isinstance(module, Attention):
+            module.fuse_qkv()
     return model.eval()
 
 

@@ -93,12 +93,14 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
             raise
         pull_s = time.monotonic() - started
         rid = request.request_id or None
+        stream = engine.generate_batches(prompt, params, images, rid, reservation, spans)
         try:
-            async for event in engine.generate(prompt, params, images, rid, reservation, spans):
-                if event.sample is not None:
-                    yield language_pb2.GenerateResponse(tokens=_tokens(event))
-                if event.finish_reason is not None:
-                    yield language_pb2.GenerateResponse(finished=_finished(event, pull_s))
+            async for batch in stream:  # one message for the tokens of every step ready
+                tokens = [e for e in batch if e.sample is not None]
+                if tokens:
+                    yield language_pb2.GenerateResponse(tokens=_tokens(tokens))
+                if batch[-1].finish_reason is not None:
+                    yield language_pb2.GenerateResponse(finished=_finished(batch[-1], pull_s))
         except ValueError as e:  # the request id is already running here
             await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
 
@@ -181,15 +183,13 @@ def _finished(event: TokenEvent, pull_s: float) -> language_pb2.Finished:
     return msg
 
 
-def _tokens(event: TokenEvent) -> language_pb2.Tokens:
-    s = event.sample
-    assert s is not None
-    msg = language_pb2.Tokens(token_ids=[s.token])
-    if s.logprob is not None:
-        msg.logprobs.append(
-            language_pb2.TokenLogprob(
-                logprob=s.logprob,
-                top=[language_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs],
-            )
-        )
+def _tokens(events: list[TokenEvent]) -> language_pb2.Tokens:
+    msg = language_pb2.Tokens()
+    for event in events:
+        s = event.sample
+        assert s is not None
+        msg.token_ids.append(s.token)
+        if s.logprob is not None:
+            top = [language_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs]
+            msg.logprobs.append(language_pb2.TokenLogprob(logprob=s.logprob, top=top))
     return msg

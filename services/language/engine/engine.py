@@ -179,7 +179,24 @@ class Engine:
         reservation: Reservation | None = None,
         spans: Sequence[tuple[int, int]] | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        """Admit a request and stream its tokens; closing the iterator aborts it.
+        """`generate_batches`, one event at a time."""
+        stream = self.generate_batches(prompt_ids, params, images, request_id, reservation, spans)
+        async for batch in stream:
+            for event in batch:
+                yield event
+
+    async def generate_batches(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        images: Sequence[ImageInput] = (),
+        request_id: str | None = None,
+        reservation: Reservation | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
+    ) -> AsyncIterator[list[TokenEvent]]:
+        """Admit a request and stream its tokens, every event already there at once (a reader
+        that fell behind gets the tokens of several steps together); closing the iterator
+        aborts it.
 
         Trusted inputs: prompt ids in the vocabulary, prompt + max_tokens within max_model_len,
         `spans` the (start, length) of each image's pad run (from `image_pad_runs`; found here
@@ -222,9 +239,11 @@ class Engine:
         finished = False
         try:
             while True:
-                event = await queue.get()
-                yield event
-                if event.finish_reason is not None:
+                batch = [await queue.get()]
+                while batch[-1].finish_reason is None and not queue.empty():
+                    batch.append(queue.get_nowait())
+                yield batch
+                if batch[-1].finish_reason is not None:
                     finished = True
                     return
         finally:

@@ -17,7 +17,7 @@ import torch
 
 from common.config import ModelConfig
 from services.language.engine.cuda_graphs import DecodeGraphs, DecodeStep, graphs_enabled
-from services.language.engine.forward_batch import ForwardBatch, KVStorage
+from services.language.engine.forward_batch import ForwardBatch, KVStorage, StepSeq, step_metadata
 from services.language.engine.request import Request
 from services.language.engine.sampler import Sample, SampleInput, make_generator, sample_rows
 from services.language.engine.scheduler import ScheduledChunk
@@ -126,26 +126,45 @@ class ModelRunner:
 
     def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
         """The eager forward: hidden states `[T, H]` and each chunk's last row."""
-        embeds: list[torch.Tensor] = []
-        deepstack_rows: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
-        seqs: list[tuple[int, int, torch.Tensor]] = []
+        if all(c.length == 1 and c.start >= c.req.num_prompt for c in chunks):
+            x, positions, deepstack = self._decode_inputs(chunks)
+        else:
+            x, positions, deepstack = self._mixed_inputs(chunks)
+        seqs, q_start = [], 0
+        for c in chunks:
+            seqs.append(StepSeq(q_start, c.length, c.start + c.length, c.req.block_table))
+            q_start += c.length
+        step = step_metadata(seqs, self.block_size, self.device)
+        hidden = self.model(x, positions, ForwardBatch(self.storage, step=step), deepstack)
+        return hidden, [s.q_start + s.q_len - 1 for s in seqs]
+
+    def _decode_inputs(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A decode-only step: every row is a generated token (no image rows, so no deepstack:
+        adding its zeros would change nothing)."""
+        ids, pos = [], []
+        for c in chunks:
+            req = c.req
+            ids.append(req.output_ids[c.start - req.num_prompt])
+            pos.append(c.start + req.payload.rope_delta)
+        x = self.model.embed(torch.tensor(ids, device=self.device))  # [B, H]
+        return x, torch.tensor(pos, device=self.device).expand(3, -1), None
+
+    def _mixed_inputs(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A step with prompt chunks: each chunk's rows, images and deepstack included."""
+        embeds, deepstack_rows, positions = [], [], []
         any_deepstack = any(c.req.payload.deepstack is not None for c in chunks)
-        q_start = 0
         for c in chunks:
             e, d, p = self._chunk_inputs(c.req, c.start, c.length, any_deepstack)
             embeds.append(e)
             if d is not None:
                 deepstack_rows.append(d)
             positions.append(p)
-            slots = self.storage.slots(c.req.block_table, c.start + c.length, self.device)
-            seqs.append((q_start, c.length, slots))
-            q_start += c.length
-        x = torch.cat(embeds)
         deepstack = torch.cat(deepstack_rows) if any_deepstack else None
-        hidden = self.model(x, torch.cat(positions, dim=1), ForwardBatch(self.storage, seqs),
-                            deepstack)  # fmt: skip
-        return hidden, [start + n - 1 for start, n, _ in seqs]
+        return torch.cat(embeds), torch.cat(positions, dim=1), deepstack
 
     def _replay(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]] | None:
         """A decode-only step through the captured graphs: hidden states `[B, H]`, row i = chunk

@@ -51,10 +51,13 @@ class AddNormFn(Protocol):
 
 
 class AttentionKernel(Protocol):
-    """Paged attention: `prepare` once per forward (metadata shared by all layers), then one call
-    per layer with that layer's K/V cache `[slots, Hkv, hd]` (the new tokens already written)."""
+    """Paged attention: `prepare` once per forward (metadata shared by all layers, from the
+    sequences or from the `torch_ref.PagedMeta` the runner built for the step), then one call per
+    layer with that layer's K/V cache `[slots, Hkv, hd]` (the new tokens already written)."""
 
-    def prepare(self, seqs: Seqs, num_kv_heads: int, device: torch.device) -> object: ...
+    def prepare(
+        self, seqs: Seqs | torch_ref.PagedMeta, num_kv_heads: int, device: torch.device
+    ) -> object: ...
 
     def __call__(
         self,
@@ -134,8 +137,10 @@ def add_rms_norm_kernel(device: torch.device, force: str | None = None) -> AddNo
 
 
 class TorchAttention:
-    def prepare(self, seqs: Seqs, num_kv_heads: int, device: torch.device) -> object:
-        return torch_ref.prepare_paged(seqs)
+    def prepare(
+        self, seqs: Seqs | torch_ref.PagedMeta, num_kv_heads: int, device: torch.device
+    ) -> object:
+        return seqs if isinstance(seqs, torch_ref.PagedMeta) else torch_ref.prepare_paged(seqs)
 
     def __call__(
         self,
@@ -152,7 +157,9 @@ class TorchAttention:
 class TritonAttention:
     """Decode rows through the Triton paged kernel; prefill chunks through the torch reference."""
 
-    def prepare(self, seqs: Seqs, num_kv_heads: int, device: torch.device) -> object:
+    def prepare(
+        self, seqs: Seqs | torch_ref.PagedMeta, num_kv_heads: int, device: torch.device
+    ) -> object:
         from services.language.kernels import triton_attention
 
         return triton_attention.prepare(seqs, num_kv_heads, device)

@@ -19,13 +19,12 @@ class CpuAttention:
     """The `AttentionKernel` of the CPU backend (the same metadata as the torch reference)."""
 
     def prepare(
-        self, seqs: list[tuple[int, int, torch.Tensor]], num_kv_heads: int, device: torch.device
+        self,
+        seqs: list[tuple[int, int, torch.Tensor]] | torch_ref.PagedMeta,
+        num_kv_heads: int,
+        device: torch.device,
     ) -> object:
-        meta = torch_ref.prepare_paged(seqs)
-        lens = None
-        if meta.decode_rows is not None:
-            lens = torch.tensor([s[2].shape[0] for s in seqs if s[1] == 1], dtype=torch.long)
-        return meta, lens
+        return seqs if isinstance(seqs, torch_ref.PagedMeta) else torch_ref.prepare_paged(seqs)
 
     def __call__(
         self,
@@ -35,14 +34,15 @@ class CpuAttention:
         meta: object,
         scale: float,
     ) -> torch.Tensor:
-        assert isinstance(meta, tuple)  # built by prepare
-        paged, lens = meta
+        assert isinstance(meta, torch_ref.PagedMeta)  # built by prepare
         module = extension()
-        if module is None or paged.decode_rows is None:
-            return torch_ref.paged_attention(q, k_cache, v_cache, paged, scale)
-        prefill_only = torch_ref.PagedMeta(None, None, None, paged.prefill)
+        if module is None or meta.decode_rows is None:
+            return torch_ref.paged_attention(q, k_cache, v_cache, meta, scale)
+        assert meta.decode_slots is not None and meta.decode_lens is not None
+        prefill_only = torch_ref.PagedMeta(None, None, None, meta.prefill)
         out = torch_ref.paged_attention(q, k_cache, v_cache, prefill_only, scale)
-        rows = paged.decode_rows
-        slots = paged.decode_slots.view(rows.shape[0], -1)  # [B, L]
-        out[rows] = module.decode_attention(q[rows], k_cache, v_cache, slots, lens, scale)
+        rows = meta.decode_rows
+        slots = meta.decode_slots.view(rows.shape[0], -1)  # [B, L]
+        out[rows] = module.decode_attention(q[rows], k_cache, v_cache, slots, meta.decode_lens,
+                                            scale)  # fmt: skip
         return out

@@ -18,6 +18,8 @@ class PagedMeta:
     decode_slots: torch.Tensor | None  # [B * L] their K/V slots, each padded to L with slot 0
     decode_valid: torch.Tensor | None  # [B, 1, 1, L] True on real (not padding) slots
     prefill: list[tuple[int, int, torch.Tensor]]  # multi-token chunks, attended one by one
+    decode_lens: torch.Tensor | None = None  # [B] int64 tokens of each decode sequence
+    decode_max_len: int = 0  # L, known on the host (no device sync to read it)
 
 
 def prepare_paged(seqs: list[tuple[int, int, torch.Tensor]]) -> PagedMeta:
@@ -31,7 +33,8 @@ def prepare_paged(seqs: list[tuple[int, int, torch.Tensor]]) -> PagedMeta:
     lengths = torch.tensor([s[2].shape[0] for s in decode], device=device)
     padded = pad_sequence([s[2] for s in decode], batch_first=True)  # [B, L]
     valid = torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
-    return PagedMeta(rows, padded.flatten(), valid[:, None, None, :], prefill)
+    return PagedMeta(rows, padded.flatten(), valid[:, None, None, :], prefill, lengths,
+                     padded.shape[1])  # fmt: skip
 
 
 def paged_attention(

@@ -139,8 +139,24 @@ def _target_programs(device: torch.device) -> int:
 
 
 def prepare(
-    seqs: list[tuple[int, int, torch.Tensor]], num_kv_heads: int, device: torch.device
+    seqs: list[tuple[int, int, torch.Tensor]] | torch_ref.PagedMeta,
+    num_kv_heads: int,
+    device: torch.device,
 ) -> Meta:
+    if isinstance(seqs, torch_ref.PagedMeta):  # the runner's step metadata
+        m = seqs
+        if m.decode_rows is None:
+            return Meta(None, m.prefill)
+        assert m.decode_slots is not None and m.decode_lens is not None
+        b = m.decode_rows.shape[0]
+        max_splits = triton.cdiv(m.decode_max_len, BLOCK_N)
+        meta = DecodeMeta(
+            rows=m.decode_rows,
+            table=m.decode_slots.view(b, -1),
+            lengths=m.decode_lens.to(torch.int32),
+            num_splits=min(max_splits, num_splits_for(b, num_kv_heads, device)),
+        )
+        return Meta(meta, m.prefill)
     decode = [s for s in seqs if s[1] == 1]
     prefill = [s for s in seqs if s[1] != 1]
     if not decode:

@@ -5,6 +5,8 @@ them once, and the engine trusts what it is given. No role imports another role'
 meet here and in `proto/`.
 
 - `sampling`: `SamplingParams` (validated when built), `FinishReason`, `ContractError`
+- `structured`: `StructuredOutput`, what a request's output must match (JSON schema, regex,
+  choice, grammar), and its digest (the compiled-grammar cache key)
 - `images`: `PreprocessConfig`, `smart_resize`, image token counts, placeholder expansion,
   `ImageRef`, `ImageLimits`
 - `replica`: `ReplicaInfo`, `resolve_max_tokens` (the context budget of one request)
@@ -27,9 +29,11 @@ from common.contract.images import (
 from common.contract.prompt import PromptLimits, check_prompt
 from common.contract.replica import ReplicaInfo, resolve_max_tokens
 from common.contract.sampling import ContractError, FinishReason, SamplingParams, check_token_ids
+from common.contract.structured import ConstraintKind, StructuredOutput
 
 __all__ = [
     "Cause",
+    "ConstraintKind",
     "ContractError",
     "Fault",
     "FinishReason",
@@ -39,6 +43,7 @@ __all__ = [
     "PromptLimits",
     "ReplicaInfo",
     "SamplingParams",
+    "StructuredOutput",
     "check_prompt",
     "check_token_ids",
     "expand_image_pads",

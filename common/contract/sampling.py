@@ -13,21 +13,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from common.contract.errors import ContractError
+from common.contract.structured import StructuredOutput
+
 MAX_INT = (1 << 31) - 1  # counts and ids on the wire are uint32; nothing sane comes near
 MAX_SEED = (1 << 64) - 1
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGPROBS = 20
+MAX_N = 64  # sequences from one prompt
 # Temperatures below this sample greedily (as vLLM's _SAMPLING_EPS): dividing logits by a
 # denormal temperature overflows to inf, and the softmax of that is NaN.
 GREEDY_TEMPERATURE = 1e-5
-
-
-class ContractError(ValueError):
-    """A value that breaks the request contract; `param` names the field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class FinishReason(enum.StrEnum):
@@ -55,6 +51,11 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # top alternatives to report per token; None = off
+    # Report each prompt token's log-probability and this many alternatives; None = off. Such
+    # a request computes its whole prompt (no prefix-cache hits: the cache keeps no logits).
+    prompt_logprobs: int | None = None
+    n: int = 1  # sequences from this prompt (prefilled once; each its own seed stream)
+    structured: StructuredOutput | None = None  # what the output must match; None = anything
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
@@ -86,6 +87,11 @@ class SamplingParams:
             )
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        _int("n", self.n, 1, MAX_N)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ContractError("structured must be a StructuredOutput", "structured_outputs")
 
     @property
     def greedy(self) -> bool:

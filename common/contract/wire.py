@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from common.contract.images import ImageRef
 from common.contract.replica import ReplicaInfo
 from common.contract.sampling import ContractError, FinishReason, SamplingParams
+from common.contract.structured import ConstraintKind, StructuredOutput
 from common.rpc import encoder_pb2, language_pb2
 
 _FINISH_TO_PROTO = {
@@ -40,6 +41,12 @@ def sampling_to_proto(p: SamplingParams) -> language_pb2.SamplingParams:
         m.seed = p.seed
     if p.logprobs is not None:
         m.logprobs = p.logprobs
+    if p.prompt_logprobs is not None:
+        m.prompt_logprobs = p.prompt_logprobs
+    if p.n != 1:
+        m.n = p.n
+    if p.structured is not None:
+        m.structured.CopyFrom(structured_to_proto(p.structured))
     return m
 
 
@@ -59,7 +66,44 @@ def sampling_from_proto(m: language_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=m.ignore_eos,
         min_tokens=m.min_tokens,
         logprobs=m.logprobs if m.HasField("logprobs") else None,
+        prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
+        n=m.n or 1,
+        structured=structured_from_proto(m.structured) if m.HasField("structured") else None,
     )
+
+
+def structured_to_proto(s: StructuredOutput) -> language_pb2.StructuredOutput:
+    m = language_pb2.StructuredOutput()
+    if s.kind == ConstraintKind.JSON_SCHEMA:
+        m.json_schema = s.spec
+    elif s.kind == ConstraintKind.JSON_OBJECT:
+        m.json_object = True
+    elif s.kind == ConstraintKind.REGEX:
+        m.regex = s.spec
+    elif s.kind == ConstraintKind.CHOICE:
+        m.choice.values.extend(s.choices)
+    else:
+        m.grammar = s.spec
+    if not s.strict:
+        m.strict = False
+    return m
+
+
+def structured_from_proto(m: language_pb2.StructuredOutput) -> StructuredOutput:
+    """Raises ContractError for an empty or malformed constraint."""
+    kind = m.WhichOneof("kind")
+    strict = m.strict if m.HasField("strict") else True
+    if kind == "json_schema":
+        return StructuredOutput(ConstraintKind.JSON_SCHEMA, m.json_schema, strict=strict)
+    if kind == "json_object":
+        return StructuredOutput(ConstraintKind.JSON_OBJECT, strict=strict)
+    if kind == "regex":
+        return StructuredOutput(ConstraintKind.REGEX, m.regex)
+    if kind == "choice":
+        return StructuredOutput(ConstraintKind.CHOICE, choices=tuple(m.choice.values))
+    if kind == "grammar":
+        return StructuredOutput(ConstraintKind.GRAMMAR, m.grammar)
+    raise ContractError("structured output: no constraint set", "structured_outputs")
 
 
 def image_ref_to_proto(r: ImageRef) -> language_pb2.ImageRef:

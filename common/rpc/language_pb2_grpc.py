@@ -49,17 +49,24 @@ class LanguageStub:
                 request_serializer=common_dot_rpc_dot_language__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=common_dot_rpc_dot_language__pb2.GetInfoReply.FromString,
                 _registered_method=True)
+        self.CompileGrammar = channel.unary_unary(
+                '/epd.language.v1.Language/CompileGrammar',
+                request_serializer=common_dot_rpc_dot_language__pb2.StructuredOutput.SerializeToString,
+                response_deserializer=common_dot_rpc_dot_language__pb2.CompileGrammarReply.FromString,
+                _registered_method=True)
 
 
 class LanguageServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Generates tokens for one request. The stream carries one or more `tokens` messages and ends
-        with exactly one `finished` message. Every error this service raises carries the trailing
+        """Generates tokens for one request. The stream carries `tokens` messages and one `finished`
+        message per sequence (n of them, each with its sequence's index), and ends after the last. Every error this service raises carries the trailing
         metadata key `epd-cause` (see `common/contract/faults.py`), so callers blame the right role:
         cause "request"  INVALID_ARGUMENT: bad prompt ids, sampling values, images that disagree
-        with the prompt, or a prompt + max_tokens beyond max_model_len
+        with the prompt, a prompt + max_tokens beyond max_model_len, or a
+        structured-output constraint that does not compile (checked before any
+        image is pulled)
         cause "image"    an image could not be pulled; the code is the transfer error's own
         (UNAVAILABLE: its encoder is gone; NOT_FOUND: unknown or released handle;
         FAILED_PRECONDITION: lease expired; DEADLINE_EXCEEDED: pull too slow),
@@ -75,7 +82,8 @@ class LanguageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Aborts a running request by id (as Generate's cancellation does). Unknown ids are ignored.
+        """Aborts a running request by id (as Generate's cancellation does): all its sequences, or only
+        sequence i > 0 when the id is "<request_id>#<i>". Unknown ids are ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +91,17 @@ class LanguageServicer:
 
     def GetInfo(self, request, context):
         """What this replica serves and where it runs (callers cache it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompileGrammar(self, request, context):
+        """Compiles a structured-output constraint for this replica's vocabulary and caches it (by a
+        digest of the constraint), off the engine loop. INVALID_ARGUMENT with cause "request" and a
+        message naming the problem when the schema, regex or grammar does not compile. The gateway
+        calls it before encoding a request's images, so a bad constraint costs no encoder work and
+        the Generate that follows finds its grammar compiled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +124,11 @@ def add_LanguageServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=common_dot_rpc_dot_language__pb2.GetInfoRequest.FromString,
                     response_serializer=common_dot_rpc_dot_language__pb2.GetInfoReply.SerializeToString,
+            ),
+            'CompileGrammar': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompileGrammar,
+                    request_deserializer=common_dot_rpc_dot_language__pb2.StructuredOutput.FromString,
+                    response_serializer=common_dot_rpc_dot_language__pb2.CompileGrammarReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +212,33 @@ class Language:
             '/epd.language.v1.Language/GetInfo',
             common_dot_rpc_dot_language__pb2.GetInfoRequest.SerializeToString,
             common_dot_rpc_dot_language__pb2.GetInfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompileGrammar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epd.language.v1.Language/CompileGrammar',
+            common_dot_rpc_dot_language__pb2.StructuredOutput.SerializeToString,
+            common_dot_rpc_dot_language__pb2.CompileGrammarReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,7 +2,8 @@
 
 In order, for one Generate call:
 1. the request is converted (`common.contract.wire`) and checked against this replica's limits
-   (`check_prompt`): cause `request`, INVALID_ARGUMENT;
+   (`check_prompt`), and its structured-output constraint compiled (off the loop, cached): cause
+   `request`, INVALID_ARGUMENT naming the problem;
 2. a waiting slot and the image bytes are reserved in the engine before anything is pulled:
    cause `replica`, RESOURCE_EXHAUSTED when there is no room;
 3. every handle is pulled concurrently in worker threads, each bounded by the call's deadline
@@ -28,6 +29,7 @@ from common.contract import (
     ImageRef,
     PromptLimits,
     ReplicaInfo,
+    StructuredOutput,
     check_prompt,
 )
 from common.contract.wire import (
@@ -35,6 +37,7 @@ from common.contract.wire import (
     image_ref_from_proto,
     replica_info_to_proto,
     sampling_from_proto,
+    structured_from_proto,
 )
 from common.rpc import language_pb2, language_pb2_grpc
 from common.transfer import Consumer, TransferError
@@ -78,6 +81,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
             params = sampling_from_proto(request.sampling)
             refs = [image_ref_from_proto(m, merge, i) for i, m in enumerate(request.images)]
             spans = check_prompt(prompt, [r.n_tokens for r in refs], params, limits)
+            if params.structured is not None:
+                await self._compile(engine, params.structured)
         except ContractError as e:
             await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
         try:
@@ -95,12 +100,9 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         rid = request.request_id or None
         stream = engine.generate_batches(prompt, params, images, rid, reservation, spans)
         try:
-            async for batch in stream:  # one message for the tokens of every step ready
-                tokens = [e for e in batch if e.sample is not None]
-                if tokens:
-                    yield language_pb2.GenerateResponse(tokens=_tokens(tokens))
-                if batch[-1].finish_reason is not None:
-                    yield language_pb2.GenerateResponse(finished=_finished(batch[-1], pull_s))
+            async for batch in stream:  # per sequence, one message for every step ready
+                for msg in _messages(batch, pull_s):
+                    yield msg
         except ValueError as e:  # the request id is already running here
             await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
 
@@ -112,6 +114,28 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         found = request.request_id in self.engine.running_ids
         self.engine.abort(request.request_id)
         return language_pb2.AbortReply(found=found)
+
+    async def CompileGrammar(
+        self, request: language_pb2.StructuredOutput, context: grpc.aio.ServicerContext
+    ) -> language_pb2.CompileGrammarReply:
+        engine = self.engine
+        if engine is None:
+            await _LOADING.abort(context)
+        assert engine is not None
+        started = time.monotonic()
+        try:
+            cached = await self._compile(engine, structured_from_proto(request))
+        except ContractError as e:
+            await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
+        seconds = 0.0 if cached else time.monotonic() - started
+        return language_pb2.CompileGrammarReply(cached=cached, compile_seconds=seconds)
+
+    async def _compile(self, engine: Engine, spec: StructuredOutput) -> bool:
+        """Compile (or find) the grammar; whether it was cached. Raises ContractError."""
+        if engine.grammars is None:
+            raise ContractError("this replica takes no structured outputs", "structured_outputs")
+        _, cached = await engine.grammars.compile(spec)
+        return cached
 
     async def GetInfo(
         self, request: language_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
@@ -161,9 +185,31 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         return images
 
 
+def _messages(batch: list[TokenEvent], pull_s: float) -> list[language_pb2.GenerateResponse]:
+    """A batch of events (any sequences, in order) as messages: one `tokens` per run of one
+    sequence's tokens, and each sequence's `finished` after its tokens."""
+    out: list[language_pb2.GenerateResponse] = []
+    run: list[TokenEvent] = []
+    for event in batch:
+        if event.sample is not None:
+            if run and run[-1].index != event.index:
+                out.append(language_pb2.GenerateResponse(tokens=_tokens(run)))
+                run = []
+            run.append(event)
+        if event.finish_reason is not None:
+            if run:
+                out.append(language_pb2.GenerateResponse(tokens=_tokens(run)))
+                run = []
+            out.append(language_pb2.GenerateResponse(finished=_finished(event, pull_s)))
+    if run:
+        out.append(language_pb2.GenerateResponse(tokens=_tokens(run)))
+    return out
+
+
 def _finished(event: TokenEvent, pull_s: float) -> language_pb2.Finished:
     assert event.finish_reason is not None
     msg = language_pb2.Finished(
+        index=event.index,
         reason=finish_to_proto(event.finish_reason),
         timings=language_pb2.Timings(
             pull_seconds=pull_s, prefill_seconds=event.prefill_s, decode_seconds=event.decode_s
@@ -184,7 +230,10 @@ def _finished(event: TokenEvent, pull_s: float) -> language_pb2.Finished:
 
 
 def _tokens(events: list[TokenEvent]) -> language_pb2.Tokens:
-    msg = language_pb2.Tokens()
+    msg = language_pb2.Tokens(index=events[0].index)
+    for lp, top in events[0].prompt_logprobs:
+        alts = [language_pb2.TopLogprob(token_id=t, logprob=v) for t, v in top]
+        msg.prompt_logprobs.append(language_pb2.TokenLogprob(logprob=lp, top=alts))
     for event in events:
         s = event.sample
         assert s is not None

@@ -20,6 +20,7 @@ from common.tokenizer import ChatTokenizer
 from common.torch_thread import add_threads_argument, set_torch_threads
 from services.language.attention import ContiguousKVCache
 from services.language.engine.engine import Engine
+from services.language.engine.grammar import GrammarCompiler
 from services.language.engine.memory import (
     DEFAULT_CPU_KV_BYTES,
     profile_kv_bytes,
@@ -177,7 +178,9 @@ def build_engine(cfg: EngineConfig, metrics: LanguageMetrics | None = None) -> E
         max_len, context, cfg.max_model_len, runner.capacity_tokens,
     )  # fmt: skip
     eos = frozenset(ChatTokenizer(cfg.model).eos_token_ids or model_cfg.eos_token_ids)
-    return Engine(model_cfg, runner, s, eos, metrics, max_len, cfg.max_image_bytes_held)
+    grammars = GrammarCompiler.from_model_dir(cfg.model, model_cfg.text.vocab_size, sorted(eos))
+    return Engine(model_cfg, runner, s, eos, metrics, max_len, cfg.max_image_bytes_held,
+                  grammars)  # fmt: skip
 
 
 def _peak_forward(

@@ -11,6 +11,12 @@ right after it, so a request's blocks are never freed under a running forward.
 Admission is bounded twice, and both bounds are checked by `reserve` before a caller pulls a
 request's images: the waiting queue (`max_waiting`) and the bytes of image tensors the engine
 holds for requests not yet finished (`max_image_bytes`).
+
+A request of `n` sequences becomes n scheduler requests sharing one stream: the first has the
+request's id, sequence i > 0 the id "<id>#<i>", its own generator (seeded from the request's
+seed and i) and waits for the first's prompt to be computed, whose full blocks it then takes
+from the prefix cache. A request with a structured-output constraint gets its compiled grammar
+(compiled off the loop, cached by digest) and one matcher per sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import logging
 import time
@@ -27,8 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from common.config import ModelConfig
-from common.contract import FinishReason, SamplingParams, image_pad_runs
+from common.contract import ContractError, FinishReason, SamplingParams, image_pad_runs
+from common.contract.sampling import MAX_SEED
 from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
+from services.language.engine.grammar import GrammarCompiler
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import ImageSpan, Request
@@ -70,6 +79,9 @@ class TokenEvent:
     usage: Usage | None = None
     prefill_s: float = 0.0  # on the last event: admission to first token (queueing included)
     decode_s: float = 0.0  # on the last event: first token to last
+    index: int = 0  # the sequence, in [0, n)
+    # On sequence 0's first token, when asked: (logprob, top) of prompt tokens 1.. in order.
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
 
 
 class Reservation:
@@ -103,9 +115,11 @@ class Engine:
         metrics: LanguageMetrics | None = None,
         max_model_len: int | None = None,
         max_image_bytes: int = 2 << 30,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         """`max_model_len`: tokens one sequence may hold (default: the checkpoint's context,
-        capped by what the KV cache holds); `max_image_bytes`: image tensor bytes held at once."""
+        capped by what the KV cache holds); `max_image_bytes`: image tensor bytes held at once;
+        `grammars`: compiles structured-output constraints (None: requests with one fail)."""
         self.cfg, self.runner = cfg, runner
         self.max_model_len = max_model_len or min(
             cfg.text.max_position_embeddings, runner.capacity_tokens
@@ -120,10 +134,13 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.metrics = metrics or LanguageMetrics()
         self.max_image_bytes = max_image_bytes
+        self.grammars = grammars
         self._reserved_slots = 0
         self._held_image_bytes = 0
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
-        self._reservations: dict[str, Reservation] = {}
+        self._reservations: dict[str, Reservation] = {}  # by request id (its first sequence)
+        self._families: dict[str, list[str]] = {}  # request id -> its live sequences' ids
+        self._family_of: dict[str, str] = {}  # sequence id -> request id
         self._aborts: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -205,7 +222,7 @@ class Engine:
             reservation = self.reserve(sum(i.tensor.nbytes for i in images))
         rid = request_id or f"req-{next(self._ids)}"
         try:
-            if rid in self._streams:
+            if rid in self._streams or rid in self._families:
                 raise ValueError(f"request id {rid!r} is already running")
             if params.max_tokens is None:
                 params = dataclasses.replace(
@@ -214,7 +231,12 @@ class Engine:
             if spans is None:
                 counts = [i.tensor.shape[0] for i in images]
                 spans = image_pad_runs(prompt_ids, self.cfg.image_token_id, counts)
-            req = Request(
+            compiled = None
+            if params.structured is not None:
+                if self.grammars is None:
+                    raise ContractError("this replica takes no structured outputs", "structured_outputs")
+                compiled, _ = await self.grammars.compile(params.structured)
+            first = Request(
                 id=rid,
                 prompt_ids=list(prompt_ids),
                 params=params,
@@ -225,35 +247,54 @@ class Engine:
                 arrival=time.monotonic(),
             )
             await run_on_torch_thread(
-                self.runner.prepare, req, [i.tensor for i in images], [i.grid_thw for i in images]
+                self.runner.prepare, first, [i.tensor for i in images], [i.grid_thw for i in images]
             )
-            self.scheduler.add(req)
+            family = [first]
+            for i in range(1, params.n):
+                seed = sibling_seed(params.seed, i)
+                sib = dataclasses.replace(first, id=f"{rid}#{i}", prompt_ids=list(prompt_ids),
+                                          params=dataclasses.replace(params, seed=seed),
+                                          follows=first, index=i, output_ids=[],
+                                          block_table=[], prompt_logprobs=[])  # fmt: skip
+                self.runner.prepare_sibling(sib, first)
+                family.append(sib)
+            if compiled is not None:
+                assert self.grammars is not None
+                for req in family:
+                    req.constraint = self.grammars.constraint(compiled)
+            for req in family:
+                self.scheduler.add(req)
         except BaseException:
             reservation.release()
             raise
         reservation.leave_queue()
         self._reservations[rid] = reservation
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._streams[rid] = queue
+        self._families[rid] = [r.id for r in family]
+        for req in family:
+            self._streams[req.id] = queue
+            self._family_of[req.id] = rid
         self._wakeup()
-        finished = False
+        left = params.n  # sequences not finished yet
         try:
-            while True:
+            while left:
                 batch = [await queue.get()]
-                while batch[-1].finish_reason is None and not queue.empty():
+                left -= batch[-1].finish_reason is not None
+                while left and not queue.empty():
                     batch.append(queue.get_nowait())
+                    left -= batch[-1].finish_reason is not None
                 yield batch
-                if batch[-1].finish_reason is not None:
-                    finished = True
-                    return
         finally:
-            if not finished:
+            if left:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its blocks are freed before the next step."""
-        if request_id in self._streams:
-            self._aborts.add(request_id)
+        """Stop a request (every sequence), or one sequence "<id>#<i>"; blocks are freed before
+        the next step."""
+        ids = self._families.get(request_id) or ([request_id] if request_id in self._streams
+                                                 else [])  # fmt: skip
+        if ids:
+            self._aborts.update(ids)
             self._wakeup()
 
     def _wakeup(self) -> None:
@@ -288,9 +329,12 @@ class Engine:
         now = time.monotonic()
         n = len(req.output_ids)
         self.metrics.generated_tokens.inc()
+        prompt_logprobs: tuple = ()
         if n == 1:
             self.metrics.ttft.observe(now - req.arrival)
-            self.metrics.prompt_tokens.inc(req.num_prompt)
+            if req.index == 0:
+                self.metrics.prompt_tokens.inc(req.num_prompt)
+                prompt_logprobs = tuple(req.prompt_logprobs)
             req.first_token_at = now
         usage = None
         if reason is not None:
@@ -303,7 +347,8 @@ class Engine:
         if queue is not None:
             first = req.first_token_at if req.first_token_at is not None else now
             timings = (first - req.arrival, now - first) if reason is not None else (0.0, 0.0)
-            queue.put_nowait(TokenEvent(sample, reason, usage, *timings))
+            queue.put_nowait(TokenEvent(sample, reason, usage, *timings, req.index,
+                                        prompt_logprobs))  # fmt: skip
             if reason is not None:
                 del self._streams[req.id]
 
@@ -314,11 +359,20 @@ class Engine:
         if queue is not None:
             n = len(req.output_ids) if req else 0
             usage = Usage(req.num_prompt, n, req.num_cached_prompt) if req else None
-            queue.put_nowait(TokenEvent(None, reason, usage))
+            index = req.index if req else _index_of(request_id)
+            queue.put_nowait(TokenEvent(None, reason, usage, index=index))
         self.metrics.finished.labels(reason.value).inc()
 
-    def _release(self, request_id: str) -> None:
-        reservation = self._reservations.pop(request_id, None)
+    def _release(self, sequence_id: str) -> None:
+        """One sequence is done; the request's reservation goes with its last sequence."""
+        rid = self._family_of.pop(sequence_id, sequence_id)
+        live = self._families.get(rid)
+        if live is not None and sequence_id in live:
+            live.remove(sequence_id)
+        if live:
+            return
+        self._families.pop(rid, None)
+        reservation = self._reservations.pop(rid, None)
         if reservation is not None:
             reservation.release()
 
@@ -335,3 +389,17 @@ class Engine:
         m.prefix_hit_tokens.inc(hits - self._seen[0])
         m.preemptions.inc(preemptions - self._seen[1])
         self._seen = (hits, preemptions)
+
+
+def sibling_seed(seed: int | None, index: int) -> int | None:
+    """Sequence `index`'s seed: the request's own for the first, a digest of (seed, index) for
+    the others (distinct streams, and not the streams of requests seeded seed + 1, ...)."""
+    if seed is None or index == 0:
+        return seed
+    d = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") & MAX_SEED
+
+
+def _index_of(sequence_id: str) -> int:
+    head, _, tail = sequence_id.rpartition("#")
+    return int(tail) if head and tail.isdigit() else 0

@@ -18,6 +18,7 @@ import torch
 from common.config import ModelConfig
 from services.language.engine.cuda_graphs import DecodeGraphs, DecodeStep, graphs_enabled
 from services.language.engine.forward_batch import ForwardBatch, KVStorage, StepSeq, step_metadata
+from services.language.engine.prompt_logprobs import collect_prompt_logprobs
 from services.language.engine.request import Request
 from services.language.engine.sampler import Sample, SampleInput, make_generator, sample_rows
 from services.language.engine.scheduler import ScheduledChunk
@@ -108,6 +109,13 @@ class ModelRunner:
             make_generator(req.params.seed, self.device),
         )  # fmt: skip
 
+    def prepare_sibling(self, req: Request, first: Request) -> None:
+        """`req.payload` for another sequence of `first`'s prompt: the same prompt inputs, its
+        own generator (from its own seed)."""
+        inp: PromptInputs = first.payload
+        req.payload = PromptInputs(inp.embeds, inp.deepstack, inp.positions, inp.rope_delta,
+                                   make_generator(req.params.seed, self.device))  # fmt: skip
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
         """One forward over the chunks; returns a Sample for each chunk that ends its request's
@@ -115,6 +123,8 @@ class ModelRunner:
         self._select_device()
         replayed = self._replay(chunks) if self.graphs is not None else None
         hidden, last_rows = replayed if replayed is not None else self._forward(chunks)
+        if replayed is None and any(c.req.params.prompt_logprobs is not None for c in chunks):
+            collect_prompt_logprobs(self.model.compute_logits, hidden, chunks)
         sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return {}
@@ -222,4 +232,5 @@ class ModelRunner:
         stop = frozenset(req.params.stop_token_ids) | (
             frozenset() if req.params.ignore_eos else req.eos_token_ids
         )
-        return SampleInput(req.params, req.payload.generator, req.prompt_ids, req.output_ids, stop)
+        return SampleInput(req.params, req.payload.generator, req.prompt_ids, req.output_ids, stop,
+                           req.constraint)  # type: ignore[arg-type]  # fmt: skip

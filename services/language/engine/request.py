@@ -4,15 +4,32 @@ A request's tokens are its prompt followed by what it generated. `num_computed` 
 whose K/V are in the cache (prefix-cache hits included); the scheduler advances it by the chunk it
 runs each step. Preemption frees the blocks and resets `num_computed` to 0: the request is
 recomputed later from all its tokens (prompt + output so far).
+
+A request with a structured-output constraint carries its grammar state (`constraint`), advanced
+by `append_token` with each token the request keeps, and only there: recomputing a preempted
+request's tokens does not append them again, so the grammar state stays where it was.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from common.contract import FinishReason, SamplingParams
+
+
+class TokenConstraint(Protocol):
+    """A grammar's state for one sequence (`grammar.GrammarConstraint`)."""
+
+    def accept(self, token: int) -> bool:
+        """Advance by `token`; False when the grammar does not allow it."""
+        ...
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and allows no further token."""
+        ...
 
 
 class Status(enum.Enum):
@@ -51,6 +68,15 @@ class Request:
     num_registered_blocks: int = 0
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    constraint: TokenConstraint | None = None
+    # n > 1: the sequences after the first wait for it, whose prompt they share; they are
+    # admitted once its prompt's full blocks are in the prefix cache (`prompt_computed`).
+    follows: Request | None = None
+    index: int = 0  # this sequence's place among the request's n
+    # prompt_logprobs: (logprob, top alternatives) of prompt tokens 1.., filled as chunks run.
+    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = field(
+        default_factory=list
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -73,10 +99,20 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    @property
+    def prompt_computed(self) -> bool:
+        """Whether the prompt's K/V are all in the cache (or never will be: finished)."""
+        return self.finished or self.num_computed >= self.num_prompt
+
     def append_token(self, token: int) -> FinishReason | None:
         """Record a sampled token; return the finish reason if it ends the request."""
         self.output_ids.append(token)
         n = len(self.output_ids)
+        if self.constraint is not None:
+            if not self.constraint.accept(token):
+                return FinishReason.ERROR  # the sampler's bitmask allows only accepted tokens
+            if self.constraint.finished:
+                return FinishReason.STOP
         stops = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stops |= self.eos_token_ids

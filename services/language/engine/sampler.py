@@ -1,9 +1,12 @@
 """Next-token sampling for a batch of rows, each with its own request's parameters.
 
 Order (as vLLM applies them): penalties on the raw logits (repetition over prompt + output;
-presence/frequency over the output), the min_tokens ban on stop ids, then greedy argmax at
-temperature 0, else temperature, top-k, top-p, min-p and a draw from the request's own seeded
-generator. Logprobs are reported from the raw logits (log-softmax before any processing).
+presence/frequency over the output), the min_tokens ban on stop ids, the grammar's token bitmask
+for rows with a structured-output constraint (`grammar.py`: one batched fill on the CPU, applied
+on the logits' device; where the ban and the grammar together leave no token, the grammar wins),
+then greedy argmax at temperature 0, else temperature, top-k, top-p, min-p and a draw from the
+request's own seeded generator. Logprobs are reported from the raw logits (log-softmax before any
+processing).
 
 Every tensor the sampler builds lives on the logits' device (`process_logits` is checked on the
 `meta` device by a test): a penalty built on the CPU and applied to CUDA logits would fail the
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from common.contract import SamplingParams
+from services.language.engine.grammar import GrammarConstraint, apply_bitmask, fill_bitmasks
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,7 @@ class SampleInput:
     prompt_ids: list[int]
     output_ids: list[int]
     stop_ids: frozenset[int]  # eos + stop ids, banned while fewer than min_tokens were produced
+    constraint: GrammarConstraint | None = None  # the request's grammar state, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +88,8 @@ def process_logits(logits: torch.Tensor, rows: list[SampleInput]) -> torch.Tenso
         for t in sorted(r.stop_ids)
         if t < vocab
     ]
-    if not (rep or counted or banned):
+    constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+    if not (rep or counted or banned or constrained):
         return logits if logits.dtype == torch.float32 else logits.float()
     scores = logits.float().clone()
     if rep:
@@ -106,7 +112,35 @@ def process_logits(logits: torch.Tensor, rows: list[SampleInput]) -> torch.Tenso
     if banned:
         r_idx, t_idx = _index(banned, device)
         scores[r_idx, t_idx] = float("-inf")
+    if constrained:
+        _constrain(logits, scores, rows, constrained, {i for i, _ in banned})
     return scores
+
+
+def _constrain(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    rows: list[SampleInput],
+    constrained: list[int],
+    banned_rows: set[int],
+) -> None:
+    """The grammar bitmask on `scores [N, V]` (in place) for the constrained rows."""
+    device = logits.device
+    cs = [rows[i].constraint for i in constrained]
+    assert all(c is not None for c in cs)
+    bitmask = fill_bitmasks(cs, constrained, len(rows), logits.shape[1])  # type: ignore[arg-type]
+    bitmask = bitmask.to(device, non_blocking=True)
+    both = [i for i in constrained if i in banned_rows]
+    plain = None
+    if both:  # the min_tokens ban may leave a grammar nothing (it wants to stop): keep the grammar
+        plain = logits.float().clone()
+        apply_bitmask(plain, bitmask, both)
+    apply_bitmask(scores, bitmask, constrained)
+    if plain is not None:
+        idx = torch.tensor(both, dtype=torch.long, device=device)
+        kept = scores.index_select(0, idx)
+        dead = torch.isinf(kept).all(dim=1, keepdim=True)
+        scores.index_copy_(0, idx, torch.where(dead, plain.index_select(0, idx), kept))
 
 
 def _index(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:

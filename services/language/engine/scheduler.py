@@ -9,6 +9,11 @@ so that a burst of arriving prompts cannot stretch the step every decoding reque
 (its TPOT); with nothing decoding, prefill takes the whole step. When a running request
 needs a block and none is free, the newest running request is preempted (its blocks freed; it
 is recomputed later from all its tokens).
+
+The n sequences of one request share its prompt: the first is admitted as any request, the
+others wait (in arrival order, holding back those behind them) until its prompt is computed,
+then take its full blocks from the prefix cache. A request that wants prompt logprobs takes no
+prefix-cache hits (the cache holds K/V, not the logits it needs).
 """
 
 from __future__ import annotations
@@ -108,7 +113,9 @@ class Scheduler:
         while (self.waiting and min(budget, prefill) > 0
                and len(self.running) < self.cfg.max_num_seqs):  # fmt: skip
             req = self.waiting[0]
-            hits = self.blocks.match_prefix(req)
+            if req.follows is not None and not req.follows.prompt_computed:
+                break  # its prompt's blocks come from the sequence it follows
+            hits = [] if req.params.prompt_logprobs is not None else self.blocks.match_prefix(req)
             computed = len(hits) * self.blocks.block_size
             n = min(req.num_tokens - computed, budget, prefill)
             extra = self.blocks.blocks_for(computed + n) - len(hits)

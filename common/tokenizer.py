@@ -53,7 +53,16 @@ class ChatTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The prompt text, as transformers' `apply_chat_template` renders it: `tools` (OpenAI's
+        tool objects) and extra template variables (`chat_template_kwargs`, e.g.
+        `enable_thinking`) are passed to the template as they are."""
         if self._template is None:
             raise ValueError("this checkpoint has no chat template")
         special = {
@@ -62,10 +71,14 @@ class ChatTokenizer:
         try:
             return str(
                 self._template.render(
-                    messages=messages, add_generation_prompt=add_generation_prompt, **special
+                    **{**special, **kwargs},
+                    messages=messages,
+                    tools=tools,
+                    add_generation_prompt=add_generation_prompt,
                 )
             )
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, AttributeError, LookupError) as e:
+            # Also what the template makes of odd values the client passed it (tools, kwargs).
             raise ValueError(f"chat template rejected the messages: {e}") from e
 
 

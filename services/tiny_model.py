@@ -2,7 +2,9 @@
 
 The model is built and saved by transformers' own classes (so it is a genuine checkpoint that
 transformers loads), with a byte-level BPE tokenizer trained here on a built-in text and the Qwen
-special tokens, the Qwen3-VL chat template, a generation config and the image-processor config.
+special tokens and Qwen3's non-special markup tokens (`<tool_call>`, `<think>`, ...), the Qwen3-VL
+chat template (tools, tool calls and tool responses as Qwen3-VL renders them, and Qwen3's
+`enable_thinking` switch), a generation config and the image-processor config.
 The same seed gives the same bytes.
 
 Made to be served by other engines too (vLLM loads these without conversion):
@@ -37,6 +39,10 @@ SPECIAL_TOKENS = [
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]  # fmt: skip
+# Qwen3's added tokens that are not special: they stay in the decoded text, where the gateway's
+# tool-call and reasoning parsers find them.
+MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>",
+                 "</think>"]  # fmt: skip
 # Qwen2's pre-tokenizer split (the regex of the real tokenizer.json).
 QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -211,7 +217,16 @@ def _build_model(
 
 
 def _write_tokenizer(out: Path, p: Preset) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]
 
     tok = Tokenizer(models.BPE())
@@ -230,6 +245,7 @@ def _write_tokenizer(out: Path, p: Preset) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
     tok = _name_every_id(tok, p.vocab_size)
     template = (Path(__file__).parent / "chat_template.jinja").read_text()
     wrapped = Qwen2TokenizerFast(

@@ -22,6 +22,7 @@ from common.contract.errors import ContractError
 
 MAX_SPEC_CHARS = 256 * 1024  # a schema, regex or grammar; the grammar compiler's work grows with it
 MAX_CHOICES = 1024
+_PARAM = "structured_outputs"  # the OpenAI error's `param`
 
 
 class ConstraintKind(enum.StrEnum):
@@ -43,39 +44,35 @@ class StructuredOutput:
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ConstraintKind):
-            raise ContractError(f"structured output kind {self.kind!r} is unknown", "structured_outputs")
+            raise ContractError(f"structured output kind {self.kind!r} is unknown", _PARAM)
         if not isinstance(self.spec, str) or len(self.spec) > MAX_SPEC_CHARS:
             raise ContractError(
                 f"structured output {self.kind.value}: at most {MAX_SPEC_CHARS} characters",
-                "structured_outputs",
+                _PARAM,
             )
-        if self.kind in (ConstraintKind.JSON_SCHEMA, ConstraintKind.REGEX, ConstraintKind.GRAMMAR):
-            if not self.spec:
-                raise ContractError(
-                    f"structured output {self.kind.value} must not be empty", "structured_outputs"
-                )
+        textual = (ConstraintKind.JSON_SCHEMA, ConstraintKind.REGEX, ConstraintKind.GRAMMAR)
+        if self.kind in textual and not self.spec:
+            raise ContractError(f"structured output {self.kind.value} must not be empty", _PARAM)
         if self.kind == ConstraintKind.JSON_SCHEMA:
             try:
                 schema = json.loads(self.spec)
             except (json.JSONDecodeError, RecursionError) as e:
-                raise ContractError(f"json schema is not valid JSON: {e}", "structured_outputs") from None
+                raise ContractError(f"json schema is not valid JSON: {e}", _PARAM) from None
             if not isinstance(schema, dict | bool):
-                raise ContractError("a json schema must be an object", "structured_outputs")
+                raise ContractError("a json schema must be an object", _PARAM)
         if self.kind == ConstraintKind.CHOICE:
             if not isinstance(self.choices, tuple) or not self.choices:
-                raise ContractError("choice must be a non-empty list of strings", "structured_outputs")
+                raise ContractError("choice must be a non-empty list of strings", _PARAM)
             if len(self.choices) > MAX_CHOICES:
-                raise ContractError(f"choice: at most {MAX_CHOICES} strings", "structured_outputs")
+                raise ContractError(f"choice: at most {MAX_CHOICES} strings", _PARAM)
             if not all(isinstance(c, str) and c for c in self.choices):
-                raise ContractError("choice must list non-empty strings", "structured_outputs")
+                raise ContractError("choice must list non-empty strings", _PARAM)
             if sum(len(c) for c in self.choices) > MAX_SPEC_CHARS:
-                raise ContractError(
-                    f"choice: at most {MAX_SPEC_CHARS} characters in all", "structured_outputs"
-                )
+                raise ContractError(f"choice: at most {MAX_SPEC_CHARS} characters in all", _PARAM)
         elif self.choices:
-            raise ContractError("choices are only for kind choice", "structured_outputs")
+            raise ContractError("choices are only for kind choice", _PARAM)
         if not isinstance(self.strict, bool):
-            raise ContractError("strict must be a boolean", "structured_outputs")
+            raise ContractError("strict must be a boolean", _PARAM)
 
     @property
     def digest(self) -> str:
@@ -91,5 +88,5 @@ class StructuredOutput:
         try:
             text = json.dumps(schema, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as e:
-            raise ContractError(f"json schema cannot be serialised: {e}", "structured_outputs") from None
+            raise ContractError(f"json schema cannot be serialised: {e}", _PARAM) from None
         return cls(ConstraintKind.JSON_SCHEMA, text, strict=strict)

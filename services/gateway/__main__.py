@@ -29,6 +29,7 @@ from services.gateway.grpc_api import ChatServicer
 from services.gateway.http_api import DEFAULT_MAX_BODY_BYTES, HttpApi
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_protocol import Limits
+from services.gateway.reasoning import PARSERS
 from services.gateway.orchestrator import Orchestrator, OrchestratorConfig
 
 log = logging.getLogger("epd.gateway")
@@ -52,6 +53,7 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_s: float = 2.0  # DNS re-resolution and health-check period
     backend_tls: ClientTLS | None = None  # TLS to encoders and language replicas
+    reasoning_parser: str | None = None  # "qwen3": <think>...</think> as reasoning_content
 
     @property
     def model_name(self) -> str:
@@ -117,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=o.request_timeout_s,
         help="seconds one request may take in all: encodes, retries and generation",
     )
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=PARSERS,
+        default=None,
+        help="split reasoning models' <think>...</think> into message.reasoning_content / "
+        "delta.reasoning_content (qwen3: Qwen3-VL-Thinking checkpoints); default: none",
+    )
     add_client_tls_arguments(parser, "backend-", "encoders and language replicas")
 
 
@@ -138,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         ),
         max_body_bytes=args.max_request_body_bytes,
         backend_tls=client_tls_from_args(args, "backend-"),
+        reasoning_parser=args.reasoning_parser,
     )
 
 
@@ -242,7 +252,7 @@ def create(cfg: GatewayConfig) -> GatewayService:
     )
     http = HttpApi(orchestrator, cfg.model_name, cfg.limits, cfg.api_key,
                    lambda: bool(language.healthy) and (encoders is None or bool(encoders.healthy)),
-                   cfg.max_body_bytes)  # fmt: skip
+                   cfg.max_body_bytes, cfg.reasoning_parser)  # fmt: skip
     runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
     return GatewayService(cfg, server, http, runner, pools, metrics, orchestrator)
 

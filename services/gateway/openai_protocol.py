@@ -4,11 +4,12 @@
 the shared contract's `SamplingParams`, or raises `ApiError` (HTTP status, message, offending
 parameter) before any work is done. Types are strict, as OpenAI's and vLLM's are: a string is not
 a boolean, a float is not an integer. Accepted beyond OpenAI's fields: vLLM's sampling extensions
-`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`. Fields that
-OpenAI or vLLM define but epd does not implement yet (`tools`, `response_format`, ...) are refused
-with 400 "not supported" unless they carry their neutral value; fields nobody defines are ignored,
-as vLLM ignores them. The `*_response`/`*_chunk` builders produce the JSON the official client
-expects.
+`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`, its
+structured outputs (`structured_outputs`, `guided_*`; `structured_outputs.py`) and
+`chat_template_kwargs`; tools and tool choices (`tools.py`); `n` sequences. Fields that OpenAI
+or vLLM define but epd does not implement yet (`logit_bias`, `audio`, ...) are refused with 400
+"not supported" unless they carry their neutral value; fields nobody defines are ignored, as vLLM
+ignores them. The `*_response`/`*_chunk` builders produce the JSON the official client expects.
 """
 
 from __future__ import annotations
@@ -19,39 +20,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.contract import ContractError, ImageLimits, SamplingParams
-from common.contract.sampling import MAX_SEED
+from common.contract import ContractError, ImageLimits, SamplingParams, StructuredOutput
+from common.contract.sampling import MAX_N, MAX_SEED
 from services.gateway.media import Image, MediaError, load_image_url, read_image
+from services.gateway.structured_outputs import SpecError, parse_structured
+from services.gateway.tools import ToolChoice, ToolError, parse_tools
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOP_STRINGS = 16
+# Names the chat template itself binds; chat_template_kwargs may not replace them.
+_TEMPLATE_NAMES = frozenset({"messages", "tools", "add_generation_prompt"})
 
 # Known fields not implemented yet -> their neutral values (anything else is refused).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "web_search_options": (None,),
     "reasoning_effort": (None,),
-    "structured_outputs": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
     "prompt_logprobs": (None,),
     "echo": (None, False),
     "chat_template": (None,),
-    "chat_template_kwargs": (None, {}),
-    "add_generation_prompt": (None, True),
     "continue_final_message": (None, False),
     "mm_processor_kwargs": (None, {}),
     "logits_processors": (None,),
@@ -101,6 +93,9 @@ class Limits:
 
 @dataclass
 class ChatRequest:
+    """One generation request: a chat (`messages`) or, from /v1/completions, a text `prompt`
+    or token ids (`prompt_ids`) used without a template."""
+
     model: str
     messages: list[dict[str, Any]]  # chat-template input: content is a str or text/image parts
     images: list[Image]  # in order of appearance
@@ -110,6 +105,13 @@ class ChatRequest:
     include_usage: bool = False
     logprobs: bool = False
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    tools: ToolChoice | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+    prompt: str = ""  # /v1/completions: the prompt text (no template)
+    prompt_ids: list[int] | None = None  # /v1/completions: the prompt's token ids
+    add_generation_prompt: bool = True  # the template ends with the assistant turn's start
+    # The prompt as rendered, set by the orchestrator (the reasoning parser reads its end).
+    prompt_text: str = ""
 
 
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
@@ -118,13 +120,21 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a string", "model")
-    for name, neutral in _UNSUPPORTED.items():
-        if name in body and not any(_same(body[name], v) for v in neutral):
-            raise ApiError(400, f"'{name}' is not supported by this server yet", name)
-    n = body.get("n", 1)
-    if n is not None and (not _is_int(n) or n != 1):
-        raise ApiError(400, "only n=1 is supported", "n")
+    check_unsupported(body)
     messages, images = _messages(body.get("messages"), limits)
+    try:
+        tools = parse_tools(body)
+    except ToolError as e:
+        raise ApiError(400, str(e), e.param) from None
+    structured = structured_from_body(body)
+    if tools is not None and tools.forced:
+        if structured is not None:
+            raise ApiError(400, "tool_choice required or named cannot be combined with another "
+                           "structured-output constraint", "tool_choice")  # fmt: skip
+        try:
+            structured = tools.schema()
+        except ContractError as e:
+            raise ApiError(400, f"tools: {e}", "tools") from None
     stream = _bool(body, "stream")
     logprobs = _bool(body, "logprobs")
     top = body.get("top_logprobs")
@@ -141,8 +151,46 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     for name in ("user", "prompt_cache_key", "safety_identifier", "service_tier"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise ApiError(400, f"{name} must be a string", name)
+    params = sampling_from_body(body, (top or 0) if logprobs else None, structured)
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        images=images,
+        params=params,
+        stop=_stop(body.get("stop")),
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+        tools=tools,
+        template_kwargs=_template_kwargs(body.get("chat_template_kwargs")),
+        add_generation_prompt=body.get("add_generation_prompt") is None
+        or _bool(body, "add_generation_prompt"),
+    )
+
+
+def check_unsupported(body: dict[str, Any]) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        if name in body and not any(_same(body[name], v) for v in neutral):
+            raise ApiError(400, f"'{name}' is not supported by this server yet", name)
+
+
+def structured_from_body(body: dict[str, Any]) -> StructuredOutput | None:
     try:
-        params = SamplingParams(
+        return parse_structured(body)
+    except SpecError as e:
+        raise ApiError(400, str(e), e.param) from None
+
+
+def sampling_from_body(
+    body: dict[str, Any],
+    logprobs: int | None,
+    structured: StructuredOutput | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """The sampling fields every endpoint shares; 400 naming the bad one."""
+    n = body.get("n")
+    try:
+        return SamplingParams(
             max_tokens=_max_tokens(body),
             temperature=_get(body, "temperature", 1.0),
             top_p=_get(body, "top_p", 1.0),
@@ -155,20 +203,28 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
             stop_token_ids=_token_ids(body, "stop_token_ids"),
             ignore_eos=_get(body, "ignore_eos", False),
             min_tokens=_get(body, "min_tokens", 0),
-            logprobs=(top or 0) if logprobs else None,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            n=1 if n is None else n,
+            structured=structured,
         )
     except ContractError as e:
+        if e.param == "n":
+            raise ApiError(400, f"n must be an integer in [1, {MAX_N}]", "n") from None
         raise ApiError(400, str(e), e.param) from None
-    return ChatRequest(
-        model=model,
-        messages=messages,
-        images=images,
-        params=params,
-        stop=_stop(body.get("stop")),
-        stream=stream,
-        include_usage=include_usage,
-        logprobs=logprobs,
-    )
+
+
+def _template_kwargs(v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k.isidentifier() for k in v):
+        raise ApiError(400, "chat_template_kwargs must be an object of named values",
+                       "chat_template_kwargs")  # fmt: skip
+    clash = sorted(_TEMPLATE_NAMES & v.keys())
+    if clash:
+        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(clash)}",
+                       "chat_template_kwargs")  # fmt: skip
+    return dict(v)
 
 
 def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Image]]:
@@ -181,27 +237,54 @@ def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Imag
         if not isinstance(msg, dict):
             raise ApiError(400, f"{where} must be an object", where)
         role = msg.get("role")
-        if role in ("tool", "function"):
-            raise ApiError(
-                400, f"{where}: role {role!r} is not supported by this server yet", where
-            )
         if role not in ROLES:
             raise ApiError(400, f"{where}: role must be one of {', '.join(ROLES)}", where)
-        if msg.get("tool_calls") or msg.get("function_call"):
-            raise ApiError(400, f"{where}: tool calls are not supported by this server yet", where)
-        if msg.get("name") is not None and not isinstance(msg["name"], str):
-            raise ApiError(400, f"{where}.name must be a string", where)
+        if msg.get("function_call") is not None:
+            raise ApiError(400, f"{where}: function_call is deprecated: use tool_calls", where)
+        for name in ("name", "tool_call_id", "reasoning_content"):
+            if msg.get(name) is not None and not isinstance(msg[name], str):
+                raise ApiError(400, f"{where}.{name} must be a string", where)
         role = "system" if role == "developer" else role
         content = msg.get("content")
+        entry: dict[str, Any]
         if isinstance(content, str):
-            out.append({"role": role, "content": content})
+            entry = {"role": role, "content": content}
         elif isinstance(content, list):
-            out.append({"role": role, "content": _parts(content, where, images, limits)})
+            entry = {"role": role, "content": _parts(content, where, images, limits)}
         elif content is None and role == "assistant":
-            out.append({"role": role, "content": ""})
+            entry = {"role": role, "content": ""}
         else:
             raise ApiError(400, f"{where}.content must be a string or a list of parts", where)
+        if msg.get("tool_calls") is not None:
+            if role != "assistant":
+                raise ApiError(400, f"{where}: only assistant messages carry tool_calls", where)
+            entry["tool_calls"] = _tool_calls(msg["tool_calls"], where)
+        for name in ("tool_call_id", "reasoning_content", "name"):
+            if msg.get(name) is not None:
+                entry[name] = msg[name]
+        out.append(entry)
     return out, images
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's calls, as the chat template reads them (arguments as JSON text)."""
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where}.tool_calls must be a list", where)
+    out = []
+    for j, c in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ApiError(400, f"{at}.function.name must be a string", where)
+        args = f.get("arguments", "{}")
+        if not isinstance(args, str):
+            raise ApiError(400, f"{at}.function.arguments must be a JSON string", where)
+        call_id = c.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ApiError(400, f"{at}.id must be a string", where)
+        out.append({"id": call_id or "", "type": "function",
+                    "function": {"name": f["name"], "arguments": args}})  # fmt: skip
+    return out
 
 
 def _parts(parts: list[Any], where: str, images: list[Image], limits: Limits) -> list[dict]:
@@ -328,23 +411,27 @@ def usage_json(prompt: int, completion: int, cached: int) -> dict[str, Any]:
     }
 
 
-def completion_response(
-    req: ChatRequest, text: str, finish: str, usage: dict[str, Any], logprobs: list | None
+def chat_response(
+    req: ChatRequest, choices: list[dict[str, Any]], usage: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "id": req.request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": req.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": {"content": logprobs} if logprobs is not None else None,
-                "finish_reason": finish,
-            }
-        ],
+        "choices": choices,
         "usage": usage,
+    }
+
+
+def chat_choice(
+    index: int, message: dict[str, Any], finish: str, logprobs: list | None
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": {"content": logprobs} if logprobs is not None else None,
+        "finish_reason": finish,
     }
 
 
@@ -353,6 +440,7 @@ def chunk(
     delta: dict[str, Any],
     finish: str | None = None,
     logprobs: list | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": req.request_id,
@@ -361,7 +449,7 @@ def chunk(
         "model": req.model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "delta": delta,
                 "logprobs": {"content": logprobs} if logprobs is not None else None,
                 "finish_reason": finish,

@@ -20,8 +20,11 @@
    - the replica full: another replica, else 429 with Retry-After.
    Everything stays within the request's deadline (`request_timeout_s`). Handles that will not
    be pulled are released at their encoder at once instead of waiting for their lease.
-5. Detokenize incrementally, apply stop strings (aborting the generation downstream), and report
-   usage and per-stage timings at the end.
+   A request with a structured-output constraint and images first has the replica compile
+   its grammar (`CompileGrammar`): a constraint that does not compile is a 400 before any
+   image is encoded (without images, Generate itself refuses it before any work).
+5. Detokenize each of the request's n sequences incrementally, apply stop strings (aborting
+   that sequence downstream), and report usage and per-stage timings at the end of each.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from common.contract import (
     PreprocessConfig,
     PromptLimits,
     ReplicaInfo,
+    StructuredOutput,
     check_prompt,
+    check_token_ids,
     expand_image_pads,
     fault_of,
     image_grid,
@@ -57,6 +62,7 @@ from common.contract.wire import (
     generate_request,
     image_ref_from_encoded,
     replica_info_from_proto,
+    structured_to_proto,
 )
 from common.rpc import (
     encoder_pb2,
@@ -90,6 +96,7 @@ _IMAGE_RETRYABLE = {"producer_lost", "not_found", "expired", "timeout", "checksu
                     "error"}  # fmt: skip
 _TOKENIZE_INLINE_CHARS = 16 * 1024  # longer prompts are tokenized off the event loop
 _RELEASE_TIMEOUT_S = 2.0
+_COMPILE_TIMEOUT_S = 30.0  # a grammar compile at the replica (seconds for large schemas)
 
 
 @dataclass(frozen=True)
@@ -107,15 +114,22 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    index: int = 0  # the sequence, in [0, n)
+    # With the first tokens when prompt logprobs were asked: one entry per prompt token from
+    # the second on, in `_logprobs`' shape.
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
 class Final:
+    """The end of one sequence (a request of n sequences yields n of them)."""
+
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
     timings: dict[str, float]
+    index: int = 0
 
 
 @dataclass
@@ -208,14 +222,34 @@ class Orchestrator:
             self.metrics.e2e.observe(time.monotonic() - started)
             return
 
+    async def tokenize(self, req: ChatRequest) -> list[int]:
+        """The prompt ids a request would be generated from (`/tokenize`)."""
+        return (await self._prompt(req)).ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        """`/detokenize`: the text of token ids (special tokens skipped); 400 outside the
+        vocabulary."""
+        try:
+            check_token_ids(ids, self.cfg.text.vocab_size, "tokens")
+        except ContractError as e:
+            raise ApiError(400, str(e), e.param) from None
+        return self.tokenizer.decode(ids)
+
+    def decode_prompt(self, ids: Sequence[int]) -> str:
+        """A prompt's text for `echo` (special tokens kept, as the prompt had them)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
     async def _prompt(self, req: ChatRequest) -> _Prompt:
-        """Template, tokens and image placeholders; ApiError 400 for what cannot be."""
+        """Template, tokens and image placeholders; ApiError 400 for what cannot be. Sets
+        `req.prompt_text` (what the reasoning parser reads)."""
+        if req.prompt_ids is not None:  # /v1/completions with token ids: used as they are
+            return _Prompt(list(req.prompt_ids), [])
         counts = [self._image_tokens(i, img) for i, img in enumerate(req.images)]
         try:
-            if _text_chars(req.messages) > _TOKENIZE_INLINE_CHARS:
-                ids = await asyncio.to_thread(self._tokenize, req.messages)
+            if _text_chars(req.messages) > _TOKENIZE_INLINE_CHARS or len(req.prompt) > 4096:
+                ids = await asyncio.to_thread(self._tokenize, req)
             else:
-                ids = self._tokenize(req.messages)
+                ids = self._tokenize(req)
             if req.images:
                 assert self.cfg.image_token_id is not None
                 ids = expand_image_pads(ids, self.cfg.image_token_id, counts)
@@ -223,8 +257,14 @@ class Orchestrator:
             raise ApiError(400, f"messages: {e}", "messages") from None
         return _Prompt(ids, counts)
 
-    def _tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.render(messages))
+    def _tokenize(self, req: ChatRequest) -> list[int]:
+        if req.prompt:  # /v1/completions: the text as it is, no template
+            req.prompt_text = req.prompt
+        else:
+            tools = list(req.tools.tools) if req.tools is not None else None
+            req.prompt_text = self.tokenizer.render(req.messages, req.add_generation_prompt,
+                                                    tools, **req.template_kwargs)  # fmt: skip
+        return self.tokenizer.encode(req.prompt_text)
 
     def _image_tokens(self, index: int, image: Image) -> int:
         if self.cfg.vision is None or self.preprocess is None:
@@ -250,6 +290,8 @@ class Orchestrator:
             check_prompt(prompt.ids, prompt.counts, req.params, limits)
         except ContractError as e:
             raise ApiError(400, str(e), e.param) from None
+        if req.params.structured is not None and req.images:
+            await self._compile_grammar(backend, req.params.structured)
         avoid: dict[int, set[str]] = {}  # image -> encoders that lost it in an earlier round
         for round_ in range(1, self.options.max_image_rounds + 1):
             images = await self._encode_all(req.images, info.host_id, avoid, deadline)
@@ -287,6 +329,18 @@ class Orchestrator:
         raise ApiError(502, f"images could not be delivered in {self.options.max_image_rounds} "
                        "rounds; see the gateway's log")  # fmt: skip
 
+    async def _compile_grammar(self, backend: Backend, spec: StructuredOutput) -> None:
+        """The replica compiles (and caches) the request's grammar: 400 when it cannot."""
+        stub = language_pb2_grpc.LanguageStub(backend.channel)
+        try:
+            await stub.CompileGrammar(structured_to_proto(spec), timeout=_COMPILE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            fault = fault_of(e)
+            if fault is not None and fault.cause == Cause.REQUEST:
+                raise ApiError(400, fault.message, "structured_outputs") from None
+            _raise_retryable(backend, e, fault)
+            raise _language_error(e, fault) from None
+
     async def _generate(
         self,
         backend: Backend,
@@ -296,35 +350,55 @@ class Orchestrator:
         deadline: float,
     ) -> AsyncIterator[Delta | Final]:
         stub = language_pb2_grpc.LanguageStub(backend.channel)
-        detok = IncrementalDetokenizer(self.tokenizer, req.stop)
+        n = req.params.n
+        detoks = [IncrementalDetokenizer(self.tokenizer, req.stop) for _ in range(n)]
+        completion = [0] * n
+        done = [False] * n
         call = stub.Generate(request, timeout=max(0.001, deadline - time.monotonic()))
-        completion, first = 0, True
+        first = True
         t0 = time.monotonic()
         try:
             async for msg in call:
                 if msg.HasField("tokens"):
+                    i = msg.tokens.index
+                    if i >= n or done[i]:  # a sequence a stop string already ended
+                        continue
                     ids = list(msg.tokens.token_ids)
-                    completion += len(ids)
+                    completion[i] += len(ids)
                     if first:
                         self.metrics.ttft.observe(time.monotonic() - t0)
                         first = False
+                    detok = detoks[i]
                     text = detok.add(ids)
-                    yield Delta(text, ids, _logprobs(self.tokenizer, ids, msg.tokens))
-                    if detok.stopped:
-                        call.cancel()  # a stop string ended it: free the KV cache downstream
-                        yield self._final("stop", request, completion, 0, timings, None)
-                        return
+                    delta = Delta(text, ids, _logprobs(self.tokenizer, ids, msg.tokens), i)
+                    if msg.tokens.prompt_logprobs:
+                        delta.prompt_logprobs = _prompt_logprobs(
+                            self.tokenizer, request.prompt_token_ids, msg.tokens.prompt_logprobs
+                        )
+                    yield delta
+                    if detok.stopped:  # a stop string ended it: free its KV cache downstream
+                        done[i] = True
+                        yield self._final("stop", request, completion[i], 0, timings, None, i)
+                        if all(done):
+                            call.cancel()
+                            return
+                        self._abort_sequence(stub, f"{request.request_id}#{i}" if i else None)
                     continue
                 f = msg.finished
-                rest = detok.finish()
+                i = f.index
+                if i >= n or done[i]:
+                    continue
+                done[i] = True
+                rest = detoks[i].finish()
                 if rest:
-                    yield Delta(rest, [])
+                    yield Delta(rest, [], index=i)
                 reason = finish_from_proto(f.reason)
                 if reason == FinishReason.ERROR:
                     raise ApiError(500, f"generation failed: {f.error}")
                 yield self._final(str(reason), request, f.usage.completion_tokens,
-                                  f.usage.cached_tokens, timings, f.timings)  # fmt: skip
-                return
+                                  f.usage.cached_tokens, timings, f.timings, i)  # fmt: skip
+                if all(done):
+                    return
         except grpc.aio.AioRpcError as e:
             fault = fault_of(e)
             if first:
@@ -336,6 +410,18 @@ class Orchestrator:
             if not call.done():
                 call.cancel()
 
+    def _abort_sequence(
+        self, stub: language_pb2_grpc.LanguageStub, sequence_id: str | None
+    ) -> None:
+        """Stop one sequence of a running request downstream (best effort, in the background).
+        Sequence 0 carries the request's own id, which would abort them all: it is left to run
+        to its end instead."""
+        if sequence_id is None:
+            return
+        task = asyncio.create_task(_abort_one(stub, sequence_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
     def _final(
         self,
         reason: str,
@@ -344,12 +430,14 @@ class Orchestrator:
         cached: int,
         timings: dict[str, float],
         lang: language_pb2.Timings | None,
+        index: int = 0,
     ) -> Final:
+        timings = dict(timings)
         if lang is not None:
             timings.update(
                 transfer=lang.pull_seconds, prefill=lang.prefill_seconds, decode=lang.decode_seconds
             )
-        return Final(reason, len(request.prompt_token_ids), completion, cached, timings)
+        return Final(reason, len(request.prompt_token_ids), completion, cached, timings, index)
 
     async def _info(self, backend: Backend) -> ReplicaInfo:
         if backend.info is None:
@@ -449,6 +537,12 @@ class Orchestrator:
             task.add_done_callback(self._releases.discard)
 
 
+async def _abort_one(stub: language_pb2_grpc.LanguageStub, sequence_id: str) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await stub.Abort(language_pb2.AbortRequest(request_id=sequence_id),
+                         timeout=_RELEASE_TIMEOUT_S)  # fmt: skip
+
+
 async def _release_one(e: _Encoded) -> None:
     stub = tensor_pb2_grpc.TensorStoreStub(e.backend.channel)
     with contextlib.suppress(grpc.aio.AioRpcError):
@@ -472,7 +566,7 @@ def _encode_timings(images: Sequence[_Encoded]) -> dict[str, float]:
 def _text_chars(messages: list[dict[str, Any]]) -> int:
     n = 0
     for m in messages:
-        c = m["content"]
+        c = m.get("content") or ""
         n += len(c) if isinstance(c, str) else sum(len(p.get("text", "")) for p in c)
     return n
 
@@ -512,6 +606,21 @@ def _logprobs(
                 ],
             }
         )
+    return out
+
+
+def _prompt_logprobs(
+    tokenizer: ChatTokenizer, prompt_ids: Sequence[int], entries: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """Entry j is prompt token j+1 given the tokens before it."""
+    out = []
+    for tid, lp in zip(list(prompt_ids)[1:], entries, strict=False):
+        text = _token_text(tokenizer, tid)
+        out.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+                    "top_logprobs": [{"token": _token_text(tokenizer, t.token_id),
+                                      "logprob": t.logprob,
+                                      "bytes": list(_token_text(tokenizer, t.token_id).encode())}
+                                     for t in lp.top]})  # fmt: skip
     return out
 
 

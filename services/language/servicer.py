@@ -231,8 +231,8 @@ def _finished(event: TokenEvent, pull_s: float) -> language_pb2.Finished:
 
 def _tokens(events: list[TokenEvent]) -> language_pb2.Tokens:
     msg = language_pb2.Tokens(index=events[0].index)
-    for lp, top in events[0].prompt_logprobs:
-        alts = [language_pb2.TopLogprob(token_id=t, logprob=v) for t, v in top]
+    for lp, alternatives in events[0].prompt_logprobs:
+        alts = [language_pb2.TopLogprob(token_id=t, logprob=v) for t, v in alternatives]
         msg.prompt_logprobs.append(language_pb2.TokenLogprob(logprob=lp, top=alts))
     for event in events:
         s = event.sample

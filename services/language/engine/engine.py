@@ -234,7 +234,9 @@ class Engine:
             compiled = None
             if params.structured is not None:
                 if self.grammars is None:
-                    raise ContractError("this replica takes no structured outputs", "structured_outputs")
+                    raise ContractError(
+                        "this replica takes no structured outputs", "structured_outputs"
+                    )
                 compiled, _ = await self.grammars.compile(params.structured)
             first = Request(
                 id=rid,

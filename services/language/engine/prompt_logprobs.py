@@ -30,14 +30,18 @@ def collect_prompt_logprobs(
         hi = min(c.start + c.length, req.num_prompt - 1)
         lo = max(c.start, len(req.prompt_logprobs))  # entries a previous computation made
         if k is not None and lo < hi and c.start <= len(req.prompt_logprobs):
-            rows = torch.arange(q_start + lo - c.start, q_start + hi - c.start, device=hidden.device)
+            rows = torch.arange(
+                q_start + lo - c.start, q_start + hi - c.start, device=hidden.device
+            )
             logprobs = torch.log_softmax(compute_logits(hidden[rows]).float(), dim=-1)  # [R, V]
             nxt = torch.tensor(req.prompt_ids[lo + 1 : hi + 1], device=hidden.device)
             chosen = logprobs.gather(1, nxt[:, None])[:, 0].tolist()
             if k:
                 values, ids = logprobs.topk(k, dim=-1)
-                tops = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(),
-                                                                    values.tolist(), strict=True)]
+                tops = [
+                    tuple(zip(i, v, strict=True))
+                    for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+                ]
             else:
                 tops = [()] * len(chosen)
             req.prompt_logprobs.extend(zip(chosen, tops, strict=True))

@@ -74,9 +74,7 @@ class Request:
     follows: Request | None = None
     index: int = 0  # this sequence's place among the request's n
     # prompt_logprobs: (logprob, top alternatives) of prompt tokens 1.., filled as chunks run.
-    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = field(
-        default_factory=list
-    )
+    prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -29,8 +29,8 @@ from services.gateway.grpc_api import ChatServicer
 from services.gateway.http_api import DEFAULT_MAX_BODY_BYTES, HttpApi
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_protocol import Limits
-from services.gateway.reasoning import PARSERS
 from services.gateway.orchestrator import Orchestrator, OrchestratorConfig
+from services.gateway.reasoning import PARSERS
 
 log = logging.getLogger("epd.gateway")
 DEFAULT_HTTP_PORT = 8000

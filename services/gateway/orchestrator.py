@@ -227,13 +227,13 @@ class Orchestrator:
         return (await self._prompt(req)).ids
 
     def detokenize(self, ids: list[int]) -> str:
-        """`/detokenize`: the text of token ids (special tokens skipped); 400 outside the
-        vocabulary."""
+        """`/detokenize`: the text of token ids, special tokens included (as vLLM's); 400
+        outside the vocabulary."""
         try:
             check_token_ids(ids, self.cfg.text.vocab_size, "tokens")
         except ContractError as e:
             raise ApiError(400, str(e), e.param) from None
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def decode_prompt(self, ids: Sequence[int]) -> str:
         """A prompt's text for `echo` (special tokens kept, as the prompt had them)."""

@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import xgrammar as xgr
@@ -126,7 +127,8 @@ class GrammarCompiler:
     def _compile(self, s: StructuredOutput) -> xgr.CompiledGrammar:
         c = self._compiler
         if s.kind == ConstraintKind.JSON_SCHEMA:
-            return c.compile_json_schema(s.spec, strict_mode=s.strict, any_whitespace=False)
+            schema = json.dumps(_plain_bounded_strings(json.loads(s.spec)))
+            return c.compile_json_schema(schema, strict_mode=s.strict, any_whitespace=False)
         if s.kind == ConstraintKind.JSON_OBJECT:
             schema = json.dumps({"type": "object"})
             return c.compile_json_schema(schema, strict_mode=False, any_whitespace=False)
@@ -183,6 +185,35 @@ def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     allowed = bits.reshape(words.shape[0], -1)[:, :vocab].bool()  # [R, V]
     picked = scores.index_select(0, index)
     scores.index_copy_(0, index, picked.masked_fill(~allowed, float("-inf")))
+
+
+# Values inside a schema that are data, not schemas: left as they are.
+_DATA_KEYS = frozenset({"enum", "const", "default", "examples", "example"})
+
+
+def _plain_bounded_strings(schema: Any) -> Any:
+    """The schema with every length-bounded string (`minLength`/`maxLength`, no pattern or
+    format) given as a pattern of plain characters instead. xgrammar 0.2.8 compiles such a
+    string to characters that include the control characters U+0000-U+001F, which JSON does
+    not allow unescaped (the output would not parse); the pattern excludes them, and quotes and
+    backslashes (so these strings carry no escapes)."""
+    if isinstance(schema, list):
+        return [_plain_bounded_strings(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYS else _plain_bounded_strings(v) for k, v in schema.items()}
+    lo, hi = out.get("minLength", 0), out.get("maxLength", "")
+    bounded = "minLength" in out or "maxLength" in out
+    valid = _is_count(lo) and (hi == "" or (_is_count(hi) and hi >= lo))
+    if out.get("type") == "string" and bounded and valid and not {"pattern", "format"} & out.keys():
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{lo},{hi}}}$'
+    return out
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _problem(s: StructuredOutput, e: Exception) -> str:

@@ -268,11 +268,11 @@ class HttpApi:
         if creq.logprobs is None:
             choice.add(text, None)
             return
-        first_id = ids[0] if ids is not None else None
-        head: dict[str, Any] = {"token": self.orchestrator.decode_prompt([first_id]) if first_id is not None
-                else "", "logprob": None, "top_logprobs": []}  # fmt: skip
-        if first_id is None and lps:  # text prompt: its first token is what precedes entry 0
-            head["token"] = text[: len(text) - sum(len(e["token"]) for e in lps)]
+        if ids is not None:
+            first = self.orchestrator.decode_prompt(ids[:1])
+        else:  # a text prompt: its first token is the text before entry 0's
+            first = text[: len(text) - sum(len(e["token"]) for e in lps)]
+        head: dict[str, Any] = {"token": first, "logprob": None, "top_logprobs": []}
         choice.text += text
         choice.add_logprobs([head, *lps], 0)
 

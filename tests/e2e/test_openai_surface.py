@@ -202,11 +202,13 @@ def test_named_and_required_tool_calls_validate(stack):
                             ["parameters"])  # fmt: skip
     # A follow-up turn with the call and its result renders and generates.
     call = r.choices[0].message.tool_calls[0]
-    follow = [*messages,
-              {"role": "assistant", "content": None, "tool_calls": [
-                  {"id": call.id, "type": "function",
-                   "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
-              {"role": "tool", "tool_call_id": call.id, "content": "22 degrees, sunny"}]  # fmt: skip
+    fn = {"name": call.function.name, "arguments": call.function.arguments}
+    follow = [
+        *messages,
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": call.id, "type": "function", "function": fn}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "22 degrees, sunny"},
+    ]  # fmt: skip
     r2 = c.chat.completions.create(model=name(stack), messages=follow, tools=[CLOCK, WEATHER],
                                    max_tokens=8)  # fmt: skip
     assert r2.usage.completion_tokens > 0 and r2.choices[0].finish_reason in ("stop", "length")
@@ -223,7 +225,8 @@ def test_streamed_tool_calls_come_as_openai_chunks(stack):
     for choice in (named, "required"):
         chunks = list(client(stack).chat.completions.create(
             model=name(stack), messages=messages, tools=[WEATHER], tool_choice=choice,
-            max_tokens=200, temperature=1.0, seed=6, stream=True, parallel_tool_calls=False))  # fmt: skip
+            max_tokens=200, temperature=1.0, seed=6, stream=True, parallel_tool_calls=False,
+        ))  # fmt: skip
         deltas = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
         assert {d.index for d in deltas} == {0}
         heads = [d for d in deltas if d.id is not None]

@@ -136,3 +136,82 @@ def test_degenerate_rows_never_fail_the_batch():
     overflow = SampleInput(SamplingParams(temperature=1e-4), make_generator(1, torch.device("cpu")),
                            [], [], frozenset())  # fmt: skip
     assert [s.token for s in sample_rows(logits.clone() * 1e35, [tiny, overflow])] == [0, 1]
+
+
+def _constraint(spec):
+    import xgrammar as xgr
+
+    from services.language.engine.grammar import GrammarCompiler, GrammarConstraint
+
+    vocab = [f"t{i}" for i in range(50)]
+    vocab[7], vocab[8], vocab[9] = "a", "b", "ab"
+    info = xgr.TokenizerInfo(vocab, vocab_size=50, stop_token_ids=[0])
+    compiler = GrammarCompiler(info)
+    return GrammarConstraint(xgr.GrammarMatcher(compiler.compile_now(spec)))
+
+
+def test_grammar_bitmask_follows_the_logits_device():
+    """The bitmask is filled on the host (xgrammar's matchers write host memory) and copied to
+    the logits' device once; everything else happens there. On `meta` logits, the only ops that
+    see a CPU tensor are the host bitmask's allocation, its fill and that one copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from common.contract import ConstraintKind, StructuredOutput
+
+    host_ops = {"aten.empty.memory_format", "aten.fill_.Scalar", "aten._to_copy.default"}
+
+    class DeviceCheck(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.host: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = [*args, *(kwargs or {}).values()]
+            flat += [x for a in args if isinstance(a, list | tuple) for x in a]
+            out = func(*args, **(kwargs or {}))
+            touched = [a for a in [*flat, out] if isinstance(a, torch.Tensor) and a.dim() > 0]
+            if any(a.device.type != "meta" for a in touched):
+                self.host.append(str(func))
+            return out
+
+    spec = StructuredOutput(ConstraintKind.CHOICE, choices=("ab", "b"))
+    rows = [
+        SampleInput(SamplingParams(), None, [1], [], frozenset(), _constraint(spec)),
+        SampleInput(SamplingParams(repetition_penalty=1.2), None, [1], [2], frozenset()),
+        SampleInput(
+            SamplingParams(min_tokens=2), None, [1], [], frozenset({0}), _constraint(spec)
+        ),  # fmt: skip
+    ]
+    check = DeviceCheck()
+    with check:
+        scores = process_logits(torch.empty(3, 50, device="meta"), rows)
+    assert scores.device.type == "meta"
+    assert set(check.host) <= host_ops and check.host.count("aten._to_copy.default") == 1
+
+
+def test_grammar_bitmask_keeps_exactly_the_allowed_tokens_and_wins_over_min_tokens():
+    from common.contract import ConstraintKind, StructuredOutput
+    from services.language.engine.grammar import apply_bitmask, apply_bitmask_torch, fill_bitmasks
+
+    spec = StructuredOutput(ConstraintKind.CHOICE, choices=("ab", "b"))
+    c = _constraint(spec)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    rows = [SampleInput(SamplingParams(), None, [], [], frozenset()),
+            SampleInput(SamplingParams(temperature=1.0), make_generator(3, torch.device("cpu")),
+                        [], [], frozenset(), c)]  # fmt: skip
+    scores = process_logits(logits, rows)
+    allowed = {t for t in range(50) if torch.isfinite(scores[1, t])}
+    assert allowed == {7, 8, 9}  # "a", "b", "ab": the starts of a choice
+    assert torch.equal(scores[0], logits[0])  # the unconstrained neighbour untouched
+    # The CPU kernel (xgrammar's) and the torch arithmetic other devices use agree.
+    mask = fill_bitmasks([c], [1], 2, 50)
+    a, b = logits.clone(), logits.clone()
+    apply_bitmask(a, mask, [1])
+    apply_bitmask_torch(b, mask, [1])
+    assert torch.equal(a, b) and torch.equal(a[1], scores[1])
+    # After "a", only "b" continues; then the grammar wants to stop, which min_tokens bans:
+    # the grammar wins (a stop id), rather than a row with nothing left.
+    assert c.accept(7) and c.accept(8)
+    done = SampleInput(SamplingParams(min_tokens=5), None, [], [7, 8], frozenset({0}), c)
+    assert sample_rows(logits[:1].clone(), [done])[0].token == 0

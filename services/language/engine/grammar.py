@@ -174,10 +174,16 @@ def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     """Set `scores[r, t]` to -inf for each r in `rows` where bit t of `bitmask[r]` is 0, in
     place. `scores` `[N, V]` fp32 and `bitmask` `[N, ceil(V / 32)]` are on the same device:
     xgrammar's kernel on the CPU and CUDA, the same arithmetic in torch ops elsewhere."""
-    vocab = scores.shape[1]
     if scores.device.type in ("cpu", "cuda"):
+        vocab = scores.shape[1]
         xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=vocab, indices=list(rows))
         return
+    apply_bitmask_torch(scores, bitmask, rows)
+
+
+def apply_bitmask_torch(scores: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """`apply_bitmask` in plain torch ops, for any device."""
+    vocab = scores.shape[1]
     index = torch.tensor(list(rows), dtype=torch.long, device=scores.device)
     words = bitmask.index_select(0, index)  # [R, W]
     shifts = torch.arange(32, dtype=bitmask.dtype, device=bitmask.device)

@@ -180,7 +180,7 @@ def test_grammar_bitmask_follows_the_logits_device():
         SampleInput(SamplingParams(repetition_penalty=1.2), None, [1], [2], frozenset()),
         SampleInput(
             SamplingParams(min_tokens=2), None, [1], [], frozenset({0}), _constraint(spec)
-        ),  # fmt: skip
+        ),
     ]
     check = DeviceCheck()
     with check:

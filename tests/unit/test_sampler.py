@@ -178,9 +178,7 @@ def test_grammar_bitmask_follows_the_logits_device():
     rows = [
         SampleInput(SamplingParams(), None, [1], [], frozenset(), _constraint(spec)),
         SampleInput(SamplingParams(repetition_penalty=1.2), None, [1], [2], frozenset()),
-        SampleInput(
-            SamplingParams(min_tokens=2), None, [1], [], frozenset({0}), _constraint(spec)
-        ),
+        SampleInput(SamplingParams(min_tokens=2), None, [1], [], frozenset({0}), _constraint(spec)),
     ]
     check = DeviceCheck()
     with check:

@@ -41,6 +41,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "bench.step_profile",
         "one engine step at several batch sizes, timed by component (CPU)",
     ),
+    "bench-structured": (
+        "bench.structured",
+        "what structured decoding (xgrammar bitmasks) costs a batch-32 decode step",
+    ),
     "bench-cpu-kernels": (
         "bench.cpu_kernels",
         "CPU prototypes vs the engine's kernels: MoE experts, decode attention, threads",

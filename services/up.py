@@ -284,6 +284,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require this bearer key on the API")
     parser.add_argument("--log-dir", default=None, help="where child logs go (default: a temp dir)")
     parser.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=["qwen3"],
+        help="the gateway's --reasoning-parser: <think>...</think> as reasoning_content",
+    )
+    parser.add_argument(
         "--split-threads",
         action=argparse.BooleanOptionalAction,
         default=StackConfig.split_threads,
@@ -303,6 +309,9 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         log_dir=args.log_dir,
         api_key=args.api_key,
         split_threads=args.split_threads,
+        extra_gateway_args=("--reasoning-parser", args.reasoning_parser)
+        if args.reasoning_parser
+        else (),
     )
 
 

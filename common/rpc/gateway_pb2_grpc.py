@@ -45,7 +45,8 @@ class ChatServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Complete(self, request, context):
-        """Streams `delta` messages whose texts concatenate to the reply, then one `done` message.
+        """Streams `delta` messages whose texts concatenate to the reply, and one `done` message per
+        choice (n of them; each message names its choice's `index`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

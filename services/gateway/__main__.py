@@ -248,7 +248,8 @@ def create(cfg: GatewayConfig) -> GatewayService:
     service_name = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
     server = GrpcServer(cfg.server, [service_name])
     gateway_pb2_grpc.add_ChatServicer_to_server(
-        ChatServicer(orchestrator, cfg.model_name, cfg.limits, cfg.api_key), server.server
+        ChatServicer(orchestrator, cfg.model_name, cfg.limits, cfg.api_key, cfg.reasoning_parser),
+        server.server,
     )
     http = HttpApi(orchestrator, cfg.model_name, cfg.limits, cfg.api_key,
                    lambda: bool(language.healthy) and (encoders is None or bool(encoders.healthy)),

@@ -1,15 +1,20 @@
-"""gRPC `Chat` service: the HTTP API's semantics for programmatic clients (streaming)."""
+"""gRPC `Chat` service: the HTTP API's semantics for programmatic clients (streaming).
+
+A request is turned into the HTTP API's JSON body and validated by the same code; its choices'
+output goes through the same reasoning and tool-call parsing (`choices.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from common.rpc import gateway_pb2, gateway_pb2_grpc
+from services.gateway.choices import ChoiceOutput
 from services.gateway.openai_protocol import ApiError, Limits, parse_chat_request
 from services.gateway.orchestrator import Delta, Orchestrator
 
@@ -28,10 +33,16 @@ _PARSE_INLINE_BYTES = 64 * 1024  # requests with more image bytes are parsed off
 
 class ChatServicer(gateway_pb2_grpc.ChatServicer):
     def __init__(
-        self, orchestrator: Orchestrator, model_name: str, limits: Limits, api_key: str | None
+        self,
+        orchestrator: Orchestrator,
+        model_name: str,
+        limits: Limits,
+        api_key: str | None,
+        reasoning_parser: str | None = None,
     ) -> None:
         self.orchestrator, self.model_name = orchestrator, model_name
         self.limits, self.api_key = limits, api_key
+        self.reasoning_parser = reasoning_parser
 
     async def Complete(
         self, request: gateway_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -52,23 +63,25 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
             req = await asyncio.to_thread(parse_chat_request, body, self.limits)
         else:
             req = parse_chat_request(body, self.limits)
+        outs: dict[int, ChoiceOutput] = {}
         async for item in self.orchestrator.chat(req):
+            out = outs.get(item.index) or outs.setdefault(
+                item.index, ChoiceOutput(req, self.reasoning_parser)
+            )
             if isinstance(item, Delta):
-                yield gateway_pb2.ChatResponse(
-                    delta=gateway_pb2.Delta(
-                        text=item.text,
-                        token_ids=item.token_ids,
-                        logprobs=[lp["logprob"] for lp in item.logprobs],
-                    )
-                )
+                yield _delta(item.index, out.feed(item.text), item)
                 continue
+            rest = out.finish()
+            if rest:
+                yield _delta(item.index, rest, None)
             yield gateway_pb2.ChatResponse(
                 done=gateway_pb2.Done(
-                    finish_reason=item.finish_reason,
+                    finish_reason=out.finish_reason(item.finish_reason),
                     prompt_tokens=item.prompt_tokens,
                     completion_tokens=item.completion_tokens,
                     cached_tokens=item.cached_tokens,
                     timings_seconds=item.timings,
+                    index=item.index,
                 )
             )
 
@@ -92,7 +105,13 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
                     parts.append({"type": "image_bytes", "data": p.image})
                 elif kind == "image_url":
                     parts.append({"type": "image_url", "image_url": {"url": p.image_url}})
-            messages.append({"role": m.role, "content": parts})
+            msg: dict[str, Any] = {"role": m.role, "content": parts}
+            if m.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": c.arguments}} for c in m.tool_calls]  # fmt: skip
+            if m.tool_call_id:
+                msg["tool_call_id"] = m.tool_call_id
+            messages.append(msg)
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": messages,
@@ -111,4 +130,58 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
                 body[name] = getattr(r, name)
         if r.HasField("top_logprobs"):
             body.update(logprobs=True, top_logprobs=r.top_logprobs)
+        if r.n:
+            body["n"] = r.n
+        if r.HasField("constraint"):
+            body["structured_outputs"] = _constraint(r.constraint)
+        if r.tools_json:
+            body["tools"] = _json_field(r.tools_json, "tools_json")
+        if r.tool_choice:
+            named = r.tool_choice not in ("none", "auto", "required")
+            body["tool_choice"] = ({"type": "function", "function": {"name": r.tool_choice}}
+                                   if named else r.tool_choice)  # fmt: skip
+        if r.HasField("parallel_tool_calls"):
+            body["parallel_tool_calls"] = r.parallel_tool_calls
+        if r.chat_template_kwargs_json:
+            kwargs = _json_field(r.chat_template_kwargs_json, "chat_template_kwargs_json")
+            body["chat_template_kwargs"] = kwargs
         return body
+
+
+def _json_field(text: str, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ApiError(400, f"{name} is not valid JSON: {e}", name) from None
+
+
+def _constraint(c: gateway_pb2.Constraint) -> dict[str, Any]:
+    kind = c.WhichOneof("kind")
+    if kind == "json_schema":
+        return {"json": c.json_schema}
+    if kind == "choice":
+        return {"choice": list(c.choice.values)}
+    if kind == "json_object":
+        return {"json_object": c.json_object}
+    if kind in ("regex", "grammar"):
+        return {kind: getattr(c, kind)}
+    raise ApiError(400, "constraint: no kind set", "constraint")
+
+
+def _delta(
+    index: int, pieces: list[dict[str, Any]], item: Delta | None
+) -> gateway_pb2.ChatResponse:
+    """One choice's parsed pieces (and the tokens they came from) as one Delta message."""
+    d = gateway_pb2.Delta(index=index)
+    if item is not None:
+        d.token_ids.extend(item.token_ids)
+        d.logprobs.extend(lp["logprob"] for lp in item.logprobs)
+    for p in pieces:
+        d.text += p.get("content") or ""
+        d.reasoning_text += p.get("reasoning_content") or ""
+        for tc in p.get("tool_calls", []):
+            f = tc.get("function", {})
+            d.tool_calls.append(gateway_pb2.ToolCallDelta(
+                index=tc["index"], id=tc.get("id") or "", name=f.get("name") or "",
+                arguments=f.get("arguments") or ""))  # fmt: skip
+    return gateway_pb2.ChatResponse(delta=d)

@@ -65,8 +65,39 @@ FIELDS = [
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
     "user", "tools", "tool_choice", "response_format", "logit_bias", "guided_json",
     "structured_outputs", "echo", "best_of", "chat_template_kwargs", "skip_special_tokens",
-    "unknown_field",
+    "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "parallel_tool_calls", "add_generation_prompt", "unknown_field",
 ]  # fmt: skip
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}  # fmt: skip
+# Constraints a client may well send (each compiles once, then hits the replica's cache).
+CONSTRAINTS = [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]}}}},
+    {"structured_outputs": {"choice": ["yes", "no"]}},
+    {"structured_outputs": {"regex": "[a-c]{1,3}"}},
+    {"structured_outputs": {"grammar": 'root ::= "a" | "b" root'}},
+    {"guided_json": {"type": "array", "items": {"type": "boolean"}}},
+    {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+    {"tools": [TOOL], "tool_choice": "required"},
+    {"tools": [TOOL], "tool_choice": "auto"},
+]  # fmt: skip
+# Values a constraint field is likely to meet: specs that do not compile, shapes that are wrong.
+specs = (
+    st.text(max_size=12)
+    | st.sampled_from(["a(", "[", "root ::= x", "{", '{"type": "bogus"}', "(?P<x>a)", "\\"])
+    | st.fixed_dictionaries({"regex": st.text(max_size=8)})
+    | st.fixed_dictionaries({"grammar": st.text(max_size=16)})
+    | st.fixed_dictionaries({"json": json_values})
+    | st.fixed_dictionaries({"choice": st.lists(st.text(max_size=4), max_size=3)})
+    | st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["json_schema", "json_object", "text", "x"]),
+            "json_schema": json_values,
+        }
+    )
+)
 
 
 @st.composite
@@ -131,6 +162,41 @@ def valid_bodies(draw: st.DrawFn, model: str) -> Any:
         body["stream_options"] = {"include_usage": draw(st.booleans())}
     if draw(st.booleans()):
         body.update(logprobs=True, top_logprobs=draw(st.integers(0, 3)))
+    if draw(st.integers(0, 3)) == 0:
+        body["n"] = draw(st.integers(1, 3))
+    if draw(st.integers(0, 3)) == 0:
+        body.update(draw(st.sampled_from(CONSTRAINTS)))
+    if draw(st.integers(0, 5)) == 0:
+        body["chat_template_kwargs"] = {"enable_thinking": draw(st.booleans())}
+    return body
+
+
+@st.composite
+def completion_bodies(draw: st.DrawFn, model: str) -> Any:
+    """`/v1/completions`: prompts of every shape, in and out of range, and the usual fields."""
+    prompt = draw(
+        st.text(min_size=1, max_size=30)
+        | st.lists(st.integers(0, 500), min_size=1, max_size=12)
+        | st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3)
+        | st.lists(st.lists(st.integers(0, 500), min_size=1, max_size=6), min_size=1, max_size=3)
+        | plausible
+    )
+    body: dict[str, Any] = {"model": model, "prompt": prompt,
+                            "max_tokens": draw(st.integers(1, 4))}  # fmt: skip
+    for name in draw(st.lists(st.sampled_from(["echo", "logprobs", "n", "stream", "seed",
+                                               "temperature", "suffix", "stop", "guided_regex",
+                                               "structured_outputs", "stream_options"]),
+                              max_size=4, unique=True)):  # fmt: skip
+        value = {"echo": st.booleans(), "logprobs": st.integers(0, 3) | plausible,
+                 "n": st.integers(1, 3) | plausible, "stream": st.booleans(),
+                 "seed": st.integers(0, 9), "temperature": st.floats(0, 2) | plausible,
+                 "suffix": st.text(max_size=3) | plausible,
+                 "stop": st.lists(st.text(min_size=1, max_size=2), max_size=2),
+                 "guided_regex": st.sampled_from(["[a-z]{1,3}", "("]) | plausible,
+                 "structured_outputs": specs, "stream_options": plausible}[name]  # fmt: skip
+        body[name] = draw(value)
+    if body.get("stream") is not True:
+        body.pop("stream_options", None)
     return body
 
 
@@ -148,16 +214,21 @@ def chat_bodies(draw: st.DrawFn, model: str) -> Any:
             del body["model"]
     for name in draw(st.lists(st.sampled_from(FIELDS), min_size=what == "field", max_size=2,
                               unique=True)):  # fmt: skip
-        body[name] = draw(plausible)
+        spec_field = name in ("structured_outputs", "response_format") or name.startswith("guided")
+        body[name] = draw(specs if spec_field and draw(st.booleans()) else plausible)
     return body
 
 
 @st.composite
 def requests(draw: st.DrawFn, model: str) -> tuple[str, str, bytes, dict[str, str]]:
-    shape = draw(st.sampled_from(["valid"] * 2 + ["chat"] * 6 + ["json", "bytes", "path"]))
+    shape = draw(st.sampled_from(["valid"] * 2 + ["chat"] * 5 + ["completion", "json", "bytes",
+                                                                    "path"]))  # fmt: skip
     method, path = "POST", "/v1/chat/completions"
     if shape == "valid":
         raw = json.dumps(draw(valid_bodies(model))).encode()
+    elif shape == "completion":
+        path = "/v1/completions"
+        raw = json.dumps(draw(completion_bodies(model))).encode()
     elif shape == "chat":
         raw = json.dumps(draw(chat_bodies(model))).encode()
     elif shape == "json":
@@ -167,8 +238,13 @@ def requests(draw: st.DrawFn, model: str) -> tuple[str, str, bytes, dict[str, st
     else:
         method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE"]))
         path = draw(st.sampled_from(["/v1/models", "/health", "/metrics", "/v1/completions",
-                                     "/v1/chat/completions", "/nope", "/v1/../x"]))  # fmt: skip
+                                     "/v1/chat/completions", "/tokenize", "/detokenize", "/nope",
+                                     "/v1/../x"]))  # fmt: skip
         raw = draw(st.binary(max_size=16))
+        if path in ("/tokenize", "/detokenize") and draw(st.booleans()):
+            raw = json.dumps(draw(st.fixed_dictionaries({
+                "prompt": plausible, "tokens": st.lists(st.integers(-2, 600), max_size=4)
+                | plausible, "messages": messages()}))).encode()  # fmt: skip
     headers = {
         "Content-Type": draw(
             st.sampled_from(

@@ -387,3 +387,36 @@ def test_tokenize_and_detokenize_as_vllm(stack, tiny_model):
     assert "".join(strs["token_strs"]) == "Hello"
     assert post(stack, "/detokenize", {"tokens": [10**7]})[0] == 400
     assert post(stack, "/tokenize", {"model": "nope", "prompt": "x"})[0] == 404
+
+
+def test_grpc_chat_takes_the_same_fields(stack):
+    import grpc
+
+    from common.rpc import gateway_pb2, gateway_pb2_grpc
+
+    def complete(**kw) -> list:
+        request = gateway_pb2.ChatRequest(
+            messages=[gateway_pb2.Message(role="user", content=[gateway_pb2.Part(text="Hi")])],
+            max_tokens=200, temperature=1.0, seed=2, **kw,
+        )  # fmt: skip
+        with grpc.insecure_channel(stack.gateway_grpc) as channel:
+            stub = gateway_pb2_grpc.ChatStub(channel)
+            return list(stub.Complete(request, metadata=[("authorization", f"Bearer {KEY}")]))
+
+    replies = complete(n=2, constraint=gateway_pb2.Constraint(
+        choice=gateway_pb2.Choices(values=["left", "right"])))  # fmt: skip
+    texts: dict[int, str] = {}
+    for r in replies:
+        if r.HasField("delta"):
+            texts[r.delta.index] = texts.get(r.delta.index, "") + r.delta.text
+    assert sorted(texts) == [0, 1] and set(texts.values()) <= {"left", "right"}
+    assert sorted(r.done.index for r in replies if r.HasField("done")) == [0, 1]
+    replies = complete(tools_json=json.dumps([WEATHER]), tool_choice="get_weather")
+    calls = [tc for r in replies if r.HasField("delta") for tc in r.delta.tool_calls]
+    assert calls[0].name == "get_weather" and calls[0].id
+    jsonschema.validate(json.loads("".join(c.arguments for c in calls)),
+                        WEATHER["function"]["parameters"])  # fmt: skip
+    assert replies[-1].done.finish_reason == "tool_calls"
+    with pytest.raises(grpc.RpcError) as err:
+        complete(constraint=gateway_pb2.Constraint(regex="(("))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex" in err.value.details()

@@ -115,6 +115,8 @@ class GrammarCompiler:
             compiled = self._compile(s)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ContractError(_problem(s, e), "structured_outputs") from None
+        if not _allows_anything(compiled, self.vocab_size):
+            raise ContractError(f"{_name(s)}: no output can match it", "structured_outputs")
         with self._lock:
             self._cache[s.digest] = compiled
             self._cache.move_to_end(s.digest)
@@ -230,7 +232,18 @@ def _problem(s: StructuredOutput, e: Exception) -> str:
         if at >= 0:
             text = text[text.find(" ", at) + 1 :]
             break
-    name = {ConstraintKind.JSON_SCHEMA: "json schema", ConstraintKind.JSON_OBJECT: "json object",
+    return f"invalid {_name(s)}: {text.splitlines()[0] if text else type(e).__name__}"
+
+
+def _name(s: StructuredOutput) -> str:
+    return {ConstraintKind.JSON_SCHEMA: "json schema", ConstraintKind.JSON_OBJECT: "json object",
             ConstraintKind.REGEX: "regex", ConstraintKind.CHOICE: "choice",
             ConstraintKind.GRAMMAR: "grammar"}[s.kind]  # fmt: skip
-    return f"invalid {name}: {text.splitlines()[0] if text else type(e).__name__}"
+
+
+def _allows_anything(compiled: xgr.CompiledGrammar, vocab_size: int) -> bool:
+    """Whether a fresh matcher allows some first token (an empty language allows none: every
+    request with it would be refused at its first step)."""
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask)
+    return bool(bitmask.any())

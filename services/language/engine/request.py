@@ -106,11 +106,11 @@ class Request:
         """Record a sampled token; return the finish reason if it ends the request."""
         self.output_ids.append(token)
         n = len(self.output_ids)
-        if self.constraint is not None:
-            if not self.constraint.accept(token):
-                return FinishReason.ERROR  # the sampler's bitmask allows only accepted tokens
-            if self.constraint.finished:
-                return FinishReason.STOP
+        # The sampler samples only tokens the grammar allows, so a refused token means the
+        # grammar allowed none (a dead end in the client's grammar): the output ends there.
+        c = self.constraint
+        if c is not None and (not c.accept(token) or c.finished):
+            return FinishReason.STOP
         stops = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stops |= self.eos_token_ids

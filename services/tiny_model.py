@@ -269,6 +269,9 @@ def _name_every_id(tok: Any, vocab_size: int) -> Any:
 
     spec = json.loads(tok.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
+    for t in spec["added_tokens"]:  # non-special added tokens (markup) in the vocab, as Qwen's
+        if not t["special"]:  # (else transformers gives them new ids past the vocabulary)
+            vocab[t["content"]] = t["id"]
     named = set(vocab.values()) | {t["id"] for t in spec["added_tokens"]}
     for i in range(vocab_size):
         if i not in named:

@@ -100,6 +100,8 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the parameters name must exist in the model's vocabulary."""
         check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
+        if self.structured is not None and self.structured.after_token is not None:
+            check_token_ids([self.structured.after_token], vocab_size, "structured_outputs")
 
 
 def check_token_ids(ids: Any, vocab_size: int, param: str) -> None:

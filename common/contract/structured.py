@@ -41,6 +41,10 @@ class StructuredOutput:
     # JSON schemas: refuse properties the schema does not name (OpenAI's `strict`); xgrammar's
     # default. False lets additionalProperties follow the schema's own rules.
     strict: bool = True
+    # Enforce the constraint only after this token has been generated (a reasoning model's
+    # end-of-thinking token, `</think>`, when the prompt opens a think block: the reasoning is
+    # free, the answer constrained, as vLLM does with a reasoning parser); None = from the first.
+    after_token: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ConstraintKind):
@@ -73,10 +77,13 @@ class StructuredOutput:
             raise ContractError("choices are only for kind choice", _PARAM)
         if not isinstance(self.strict, bool):
             raise ContractError("strict must be a boolean", _PARAM)
+        at = self.after_token
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int) or at < 0):
+            raise ContractError("after_token must be a token id", _PARAM)
 
     @property
     def digest(self) -> str:
-        """Hex SHA-256 of everything that changes the compiled grammar."""
+        """Hex SHA-256 of everything that changes the compiled grammar (not `after_token`)."""
         text = json.dumps([self.kind.value, self.spec, list(self.choices), self.strict])
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -86,6 +86,8 @@ def structured_to_proto(s: StructuredOutput) -> language_pb2.StructuredOutput:
         m.grammar = s.spec
     if not s.strict:
         m.strict = False
+    if s.after_token is not None:
+        m.after_token_id = s.after_token
     return m
 
 
@@ -93,16 +95,19 @@ def structured_from_proto(m: language_pb2.StructuredOutput) -> StructuredOutput:
     """Raises ContractError for an empty or malformed constraint."""
     kind = m.WhichOneof("kind")
     strict = m.strict if m.HasField("strict") else True
+    after = m.after_token_id if m.HasField("after_token_id") else None
     if kind == "json_schema":
-        return StructuredOutput(ConstraintKind.JSON_SCHEMA, m.json_schema, strict=strict)
+        return StructuredOutput(ConstraintKind.JSON_SCHEMA, m.json_schema, strict=strict,
+                                after_token=after)  # fmt: skip
     if kind == "json_object":
-        return StructuredOutput(ConstraintKind.JSON_OBJECT, strict=strict)
+        return StructuredOutput(ConstraintKind.JSON_OBJECT, strict=strict, after_token=after)
     if kind == "regex":
-        return StructuredOutput(ConstraintKind.REGEX, m.regex)
+        return StructuredOutput(ConstraintKind.REGEX, m.regex, after_token=after)
     if kind == "choice":
-        return StructuredOutput(ConstraintKind.CHOICE, choices=tuple(m.choice.values))
+        return StructuredOutput(ConstraintKind.CHOICE, choices=tuple(m.choice.values),
+                                after_token=after)  # fmt: skip
     if kind == "grammar":
-        return StructuredOutput(ConstraintKind.GRAMMAR, m.grammar)
+        return StructuredOutput(ConstraintKind.GRAMMAR, m.grammar, after_token=after)
     raise ContractError("structured output: no constraint set", "structured_outputs")
 
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from common.rpc import tensor_pb2 as common_dot_rpc_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/rpc/language.proto\x12\x0f\x65pd.language.v1\x1a\x17\x63ommon/rpc/tensor.proto\"\x9d\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06images\x18\x03 \x03(\x0b\x32\x19.epd.language.v1.ImageRef\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.epd.language.v1.SamplingParams\"w\n\x08ImageRef\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12*\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x18.epd.language.v1.GridTHW\x12\x12\n\nimage_hash\x18\x03 \x01(\t\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\r\x12\t\n\x01h\x18\x02 \x01(\r\x12\t\n\x01w\x18\x03 \x01(\r\"\xd6\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x12\t\n\x01n\x18\x0f \x01(\r\x12\x35\n\nstructured\x18\x10 \x01(\x0b\x32!.epd.language.v1.StructuredOutputB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xb8\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12*\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x18.epd.language.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x13\n\x06strict\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x06\n\x04kindB\t\n\x07_strict\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\">\n\x13\x43ompileGrammarReply\x12\x0e\n\x06\x63\x61\x63hed\x18\x01 \x01(\x08\x12\x17\n\x0f\x63ompile_seconds\x18\x02 \x01(\x01\"t\n\x10GenerateResponse\x12)\n\x06tokens\x18\x01 \x01(\x0b\x32\x17.epd.language.v1.TokensH\x00\x12-\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x19.epd.language.v1.FinishedH\x00\x42\x06\n\x04kind\"\x93\x01\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1d.epd.language.v1.TokenLogprob\x12\r\n\x05index\x18\x03 \x01(\r\x12\x36\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1d.epd.language.v1.TokenLogprob\"I\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.epd.language.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xa9\x01\n\x08\x46inished\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.epd.language.v1.FinishReason\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.epd.language.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.epd.language.v1.Timings\x12\r\n\x05index\x18\x05 \x01(\r\"P\n\x07Timings\x12\x14\n\x0cpull_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x10\n\x0eGetInfoRequest\"r\n\x0cGetInfoReply\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xc8\x02\n\x08Language\x12Q\n\x08Generate\x12 .epd.language.v1.GenerateRequest\x1a!.epd.language.v1.GenerateResponse0\x01\x12\x43\n\x05\x41\x62ort\x12\x1d.epd.language.v1.AbortRequest\x1a\x1b.epd.language.v1.AbortReply\x12I\n\x07GetInfo\x12\x1f.epd.language.v1.GetInfoRequest\x1a\x1d.epd.language.v1.GetInfoReply\x12Y\n\x0e\x43ompileGrammar\x12!.epd.language.v1.StructuredOutput\x1a$.epd.language.v1.CompileGrammarReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/rpc/language.proto\x12\x0f\x65pd.language.v1\x1a\x17\x63ommon/rpc/tensor.proto\"\x9d\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06images\x18\x03 \x03(\x0b\x32\x19.epd.language.v1.ImageRef\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.epd.language.v1.SamplingParams\"w\n\x08ImageRef\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12*\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x18.epd.language.v1.GridTHW\x12\x12\n\nimage_hash\x18\x03 \x01(\t\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\r\x12\t\n\x01h\x18\x02 \x01(\r\x12\t\n\x01w\x18\x03 \x01(\r\"\xd6\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x12\t\n\x01n\x18\x0f \x01(\r\x12\x35\n\nstructured\x18\x10 \x01(\x0b\x32!.epd.language.v1.StructuredOutputB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xe8\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12*\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x18.epd.language.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x13\n\x06strict\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x0e\x61\x66ter_token_id\x18\x07 \x01(\rH\x02\x88\x01\x01\x42\x06\n\x04kindB\t\n\x07_strictB\x11\n\x0f_after_token_id\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\">\n\x13\x43ompileGrammarReply\x12\x0e\n\x06\x63\x61\x63hed\x18\x01 \x01(\x08\x12\x17\n\x0f\x63ompile_seconds\x18\x02 \x01(\x01\"t\n\x10GenerateResponse\x12)\n\x06tokens\x18\x01 \x01(\x0b\x32\x17.epd.language.v1.TokensH\x00\x12-\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x19.epd.language.v1.FinishedH\x00\x42\x06\n\x04kind\"\x93\x01\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1d.epd.language.v1.TokenLogprob\x12\r\n\x05index\x18\x03 \x01(\r\x12\x36\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1d.epd.language.v1.TokenLogprob\"I\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.epd.language.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xa9\x01\n\x08\x46inished\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.epd.language.v1.FinishReason\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.epd.language.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.epd.language.v1.Timings\x12\r\n\x05index\x18\x05 \x01(\r\"P\n\x07Timings\x12\x14\n\x0cpull_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x10\n\x0eGetInfoRequest\"r\n\x0cGetInfoReply\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xc8\x02\n\x08Language\x12Q\n\x08Generate\x12 .epd.language.v1.GenerateRequest\x1a!.epd.language.v1.GenerateResponse0\x01\x12\x43\n\x05\x41\x62ort\x12\x1d.epd.language.v1.AbortRequest\x1a\x1b.epd.language.v1.AbortReply\x12I\n\x07GetInfo\x12\x1f.epd.language.v1.GetInfoRequest\x1a\x1d.epd.language.v1.GetInfoReply\x12Y\n\x0e\x43ompileGrammar\x12!.epd.language.v1.StructuredOutput\x1a$.epd.language.v1.CompileGrammarReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.rpc.language_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2075
-  _globals['_FINISHREASON']._serialized_end=2220
+  _globals['_FINISHREASON']._serialized_start=2123
+  _globals['_FINISHREASON']._serialized_end=2268
   _globals['_GENERATEREQUEST']._serialized_start=72
   _globals['_GENERATEREQUEST']._serialized_end=229
   _globals['_IMAGEREF']._serialized_start=231
@@ -43,33 +43,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=397
   _globals['_SAMPLINGPARAMS']._serialized_end=867
   _globals['_STRUCTUREDOUTPUT']._serialized_start=870
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1054
-  _globals['_CHOICES']._serialized_start=1056
-  _globals['_CHOICES']._serialized_end=1081
-  _globals['_COMPILEGRAMMARREPLY']._serialized_start=1083
-  _globals['_COMPILEGRAMMARREPLY']._serialized_end=1145
-  _globals['_GENERATERESPONSE']._serialized_start=1147
-  _globals['_GENERATERESPONSE']._serialized_end=1263
-  _globals['_TOKENS']._serialized_start=1266
-  _globals['_TOKENS']._serialized_end=1413
-  _globals['_TOKENLOGPROB']._serialized_start=1415
-  _globals['_TOKENLOGPROB']._serialized_end=1488
-  _globals['_TOPLOGPROB']._serialized_start=1490
-  _globals['_TOPLOGPROB']._serialized_end=1537
-  _globals['_FINISHED']._serialized_start=1540
-  _globals['_FINISHED']._serialized_end=1709
-  _globals['_TIMINGS']._serialized_start=1711
-  _globals['_TIMINGS']._serialized_end=1791
-  _globals['_USAGE']._serialized_start=1793
-  _globals['_USAGE']._serialized_end=1873
-  _globals['_GETINFOREQUEST']._serialized_start=1875
-  _globals['_GETINFOREQUEST']._serialized_end=1891
-  _globals['_GETINFOREPLY']._serialized_start=1893
-  _globals['_GETINFOREPLY']._serialized_end=2007
-  _globals['_ABORTREQUEST']._serialized_start=2009
-  _globals['_ABORTREQUEST']._serialized_end=2043
-  _globals['_ABORTREPLY']._serialized_start=2045
-  _globals['_ABORTREPLY']._serialized_end=2072
-  _globals['_LANGUAGE']._serialized_start=2223
-  _globals['_LANGUAGE']._serialized_end=2551
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1102
+  _globals['_CHOICES']._serialized_start=1104
+  _globals['_CHOICES']._serialized_end=1129
+  _globals['_COMPILEGRAMMARREPLY']._serialized_start=1131
+  _globals['_COMPILEGRAMMARREPLY']._serialized_end=1193
+  _globals['_GENERATERESPONSE']._serialized_start=1195
+  _globals['_GENERATERESPONSE']._serialized_end=1311
+  _globals['_TOKENS']._serialized_start=1314
+  _globals['_TOKENS']._serialized_end=1461
+  _globals['_TOKENLOGPROB']._serialized_start=1463
+  _globals['_TOKENLOGPROB']._serialized_end=1536
+  _globals['_TOPLOGPROB']._serialized_start=1538
+  _globals['_TOPLOGPROB']._serialized_end=1585
+  _globals['_FINISHED']._serialized_start=1588
+  _globals['_FINISHED']._serialized_end=1757
+  _globals['_TIMINGS']._serialized_start=1759
+  _globals['_TIMINGS']._serialized_end=1839
+  _globals['_USAGE']._serialized_start=1841
+  _globals['_USAGE']._serialized_end=1921
+  _globals['_GETINFOREQUEST']._serialized_start=1923
+  _globals['_GETINFOREQUEST']._serialized_end=1939
+  _globals['_GETINFOREPLY']._serialized_start=1941
+  _globals['_GETINFOREPLY']._serialized_end=2055
+  _globals['_ABORTREQUEST']._serialized_start=2057
+  _globals['_ABORTREQUEST']._serialized_end=2091
+  _globals['_ABORTREPLY']._serialized_start=2093
+  _globals['_ABORTREPLY']._serialized_end=2120
+  _globals['_LANGUAGE']._serialized_start=2271
+  _globals['_LANGUAGE']._serialized_end=2599
 # @@protoc_insertion_point(module_scope)

@@ -83,7 +83,7 @@ class LanguageServicer:
 
     def Abort(self, request, context):
         """Aborts a running request by id (as Generate's cancellation does): all its sequences, or only
-        sequence i > 0 when the id is "<request_id>#<i>". Unknown ids are ignored.
+        only sequence i when the id is "<request_id>#<i>". Unknown ids are ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,6 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     refresh_s: float = 2.0  # DNS re-resolution and health-check period
     backend_tls: ClientTLS | None = None  # TLS to encoders and language replicas
-    reasoning_parser: str | None = None  # "qwen3": <think>...</think> as reasoning_content
 
     @property
     def model_name(self) -> str:
@@ -144,10 +143,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             encode_timeout_s=args.encode_timeout,
             request_timeout_s=args.request_timeout,
             max_in_flight=args.max_in_flight_requests,
+            reasoning_parser=args.reasoning_parser,
         ),
         max_body_bytes=args.max_request_body_bytes,
         backend_tls=client_tls_from_args(args, "backend-"),
-        reasoning_parser=args.reasoning_parser,
     )
 
 
@@ -248,12 +247,11 @@ def create(cfg: GatewayConfig) -> GatewayService:
     service_name = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
     server = GrpcServer(cfg.server, [service_name])
     gateway_pb2_grpc.add_ChatServicer_to_server(
-        ChatServicer(orchestrator, cfg.model_name, cfg.limits, cfg.api_key, cfg.reasoning_parser),
-        server.server,
+        ChatServicer(orchestrator, cfg.model_name, cfg.limits, cfg.api_key), server.server
     )
     http = HttpApi(orchestrator, cfg.model_name, cfg.limits, cfg.api_key,
                    lambda: bool(language.healthy) and (encoders is None or bool(encoders.healthy)),
-                   cfg.max_body_bytes, cfg.reasoning_parser)  # fmt: skip
+                   cfg.max_body_bytes)  # fmt: skip
     runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
     return GatewayService(cfg, server, http, runner, pools, metrics, orchestrator)
 

@@ -38,11 +38,10 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
         model_name: str,
         limits: Limits,
         api_key: str | None,
-        reasoning_parser: str | None = None,
     ) -> None:
         self.orchestrator, self.model_name = orchestrator, model_name
         self.limits, self.api_key = limits, api_key
-        self.reasoning_parser = reasoning_parser
+        self.reasoning_parser = orchestrator.options.reasoning_parser
 
     async def Complete(
         self, request: gateway_pb2.ChatRequest, context: grpc.aio.ServicerContext

@@ -57,11 +57,10 @@ class HttpApi:
         api_key: str | None = None,
         ready: Callable[[], bool] = lambda: True,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        reasoning_parser: str | None = None,
     ) -> None:
         self.orchestrator, self.model_name, self.limits = orchestrator, model_name, limits
         self.api_key, self.ready = api_key, ready
-        self.reasoning_parser = reasoning_parser
+        self.reasoning_parser = orchestrator.options.reasoning_parser
         self.metrics = orchestrator.metrics
         self.app = web.Application(
             middlewares=[self._errors, self._auth], client_max_size=max_body_bytes

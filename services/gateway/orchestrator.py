@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
@@ -78,6 +79,7 @@ from services.gateway.detokenizer import IncrementalDetokenizer
 from services.gateway.media import Image
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_protocol import ApiError, ChatRequest
+from services.gateway.reasoning import THINK_END, reasoning_open
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class OrchestratorConfig:
     max_image_rounds: int = 3  # encode + Generate rounds when images fail to be pulled
     max_generate_attempts: int = 2  # language replicas tried when one is unreachable or full
     max_in_flight: int = 1024  # requests at once beyond which new ones get 429
+    reasoning_parser: str | None = None  # "qwen3": replies' <think> blocks are reasoning
 
 
 @dataclass
@@ -196,6 +199,7 @@ class Orchestrator:
         started = time.monotonic()
         deadline = started + self.options.request_timeout_s
         prompt = await self._prompt(req)
+        self._free_reasoning(req)
         tried: list[Backend] = []
         while True:
             backend = self.language.least_loaded(exclude=tried)
@@ -221,6 +225,22 @@ class Orchestrator:
                 backend.outstanding -= 1
             self.metrics.e2e.observe(time.monotonic() - started)
             return
+
+    def _free_reasoning(self, req: ChatRequest) -> None:
+        """With a reasoning parser, a reply that starts inside a think block (the prompt opens
+        one) thinks freely: its constraint is enforced only after `</think>`, as vLLM does."""
+        s = req.params.structured
+        if self.options.reasoning_parser is None or s is None or s.after_token is not None:
+            return
+        if not reasoning_open(req.prompt_text, req.template_kwargs):
+            return
+        try:
+            end = self.tokenizer.token_id(THINK_END)
+        except ValueError:  # no single token closes the block: nothing to wait for
+            return
+        req.params = dataclasses.replace(
+            req.params, structured=dataclasses.replace(s, after_token=end)
+        )
 
     async def tokenize(self, req: ChatRequest) -> list[int]:
         """The prompt ids a request would be generated from (`/tokenize`)."""
@@ -382,7 +402,7 @@ class Orchestrator:
                         if all(done):
                             call.cancel()
                             return
-                        self._abort_sequence(stub, f"{request.request_id}#{i}" if i else None)
+                        self._abort_sequence(stub, f"{request.request_id}#{i}")
                     continue
                 f = msg.finished
                 i = f.index
@@ -410,14 +430,8 @@ class Orchestrator:
             if not call.done():
                 call.cancel()
 
-    def _abort_sequence(
-        self, stub: language_pb2_grpc.LanguageStub, sequence_id: str | None
-    ) -> None:
-        """Stop one sequence of a running request downstream (best effort, in the background).
-        Sequence 0 carries the request's own id, which would abort them all: it is left to run
-        to its end instead."""
-        if sequence_id is None:
-            return
+    def _abort_sequence(self, stub: language_pb2_grpc.LanguageStub, sequence_id: str) -> None:
+        """Stop one sequence of a running request downstream (best effort, in the background)."""
         task = asyncio.create_task(_abort_one(stub, sequence_id))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)

@@ -17,6 +17,13 @@ THINK_END = "</think>"
 PARSERS = ("qwen3",)
 
 
+def reasoning_open(prompt: str, template_kwargs: dict[str, Any]) -> bool:
+    """Whether a reply to this prompt starts inside a think block."""
+    if template_kwargs.get("enable_thinking") is False:
+        return False
+    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+
+
 class ReasoningParser:
     """One choice's text in, {"reasoning_content": ...} and {"content": ...} pieces out."""
 

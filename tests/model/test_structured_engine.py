@@ -180,3 +180,27 @@ def test_n_sequences_prefill_once_and_reproduce(tiny_model, png):
     again, _ = asyncio.run(three(make_engine(tiny_model)))
     assert again == out
     assert engine.blocks.num_used == 0
+
+
+def test_a_reasoning_reply_thinks_freely_and_answers_under_the_grammar(tiny_model):
+    """`after_token` (a Thinking model's `</think>`): nothing is masked until the reply has
+    generated that token; from the next token on, the grammar holds. The greedy reply's own
+    first token stands in for `</think>`, so that the switch happens at a known place."""
+    tok = ChatTokenizer(tiny_model)
+    ids = tok.encode(tok.render([{"role": "user", "content": "Think first."}]))
+
+    async def reply(params: SamplingParams) -> list[int]:
+        engine = make_engine(tiny_model)
+        await engine.start()
+        try:
+            return [ev.sample.token async for ev in engine.generate(ids, params) if ev.sample]
+        finally:
+            await engine.stop()
+
+    free = asyncio.run(reply(SamplingParams(max_tokens=8)))
+    gate = free[0]
+    spec = StructuredOutput(ConstraintKind.REGEX, REGEX, after_token=gate)
+    out = asyncio.run(reply(SamplingParams(max_tokens=40, structured=spec)))
+    assert out[0] == gate  # unconstrained before the gate
+    assert re.fullmatch(REGEX, tok.decode(out[1:])), tok.decode(out)
+    assert not re.fullmatch(REGEX, tok.decode(free[1:]))  # the grammar made the difference

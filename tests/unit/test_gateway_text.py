@@ -109,7 +109,9 @@ def body(**kw):
         ({"temperature": -1}, "temperature", 400),
         ({"top_p": 0}, "top_p", 400),
         ({"max_tokens": 0}, "max_tokens", 400),
-        ({"n": 2}, "n", 400),
+        ({"n": 0}, "n", 400),
+        ({"n": 65}, "n", 400),
+        ({"n": 2.0}, "n", 400),
         ({"top_logprobs": 3}, "top_logprobs", 400),
         ({"stop": 5}, "stop", 400),
         # Strict types: a string is not a boolean, a float or a bool is not an integer.
@@ -130,13 +132,16 @@ def body(**kw):
         ({"stream": True, "stream_options": {"include_usage": "yes"}},
          "stream_options.include_usage", 400),
         # Known to OpenAI or vLLM, not implemented yet: refused, never silently ignored.
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", 400),
-        ({"tool_choice": "auto"}, "tool_choice", 400),
-        ({"response_format": {"type": "json_object"}}, "response_format", 400),
         ({"logit_bias": {"5": 10}}, "logit_bias", 400),
-        ({"guided_regex": "a+"}, "guided_regex", 400),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0]",
+        ({"best_of": 2}, "best_of", 400),
+        # Implemented, and checked as strictly.
+        ({"tools": [{"type": "function", "function": {}}]}, "tools", 400),
+        ({"tool_choice": "auto"}, "tool_choice", 400),  # no tools
+        ({"response_format": {"type": "json_schema"}}, "response_format", 400),
+        ({"guided_regex": 5}, "guided_regex", 400),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0]",
          400),
+        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs", 400),
     ],
 )  # fmt: skip
 def test_bad_requests_name_the_parameter(request_body, param, status):

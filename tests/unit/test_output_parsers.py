@@ -132,9 +132,39 @@ def test_structured_output_spellings_and_their_errors():
 def test_the_new_sampling_fields_cross_the_wire():
     for s in (StructuredOutput.json_schema({"type": "object"}, strict=False),
               StructuredOutput(ConstraintKind.JSON_OBJECT),
-              StructuredOutput(ConstraintKind.REGEX, "a+"),
+              StructuredOutput(ConstraintKind.REGEX, "a+", after_token=5),
               StructuredOutput(ConstraintKind.CHOICE, choices=("x", "y z")),
               StructuredOutput(ConstraintKind.GRAMMAR, 'root ::= "a"')):  # fmt: skip
         p = SamplingParams(n=3, prompt_logprobs=2, structured=s)
         assert sampling_from_proto(sampling_to_proto(p)) == p
     assert sampling_from_proto(sampling_to_proto(SamplingParams())) == SamplingParams()
+
+
+def test_a_prompt_that_opens_a_think_block_frees_the_reasoning(tiny_model):
+    """With a reasoning parser, a constraint waits for `</think>` when the reply starts inside
+    a think block (a Thinking checkpoint's template opens it), and only then."""
+    from common.config import ModelConfig
+    from common.tokenizer import ChatTokenizer
+    from services.gateway.metrics import GatewayMetrics
+    from services.gateway.openai_protocol import ChatRequest
+    from services.gateway.orchestrator import Orchestrator, OrchestratorConfig
+
+    tok = ChatTokenizer(tiny_model)
+    cfg = ModelConfig.from_dir(tiny_model)
+
+    def gated(prompt: str, parser: str | None = "qwen3", **kwargs) -> int | None:
+        o = Orchestrator(cfg, tok, None, None, GatewayMetrics(),  # type: ignore[arg-type]
+                         OrchestratorConfig(reasoning_parser=parser))  # fmt: skip
+        spec = StructuredOutput(ConstraintKind.REGEX, "a+")
+        req = ChatRequest("m", [], [], SamplingParams(structured=spec), template_kwargs=kwargs)
+        req.prompt_text = prompt
+        o._free_reasoning(req)
+        assert req.params.structured is not None
+        return req.params.structured.after_token
+
+    end = tok.token_id("</think>")
+    assert gated("<|im_start|>assistant\n<think>\n") == end
+    assert gated("<|im_start|>assistant\n") is None
+    assert gated("assistant\n<think>\n\n</think>\n\n") is None  # enable_thinking false
+    assert gated("assistant\n<think>\n", enable_thinking=False) is None
+    assert gated("assistant\n<think>\n", parser=None) is None

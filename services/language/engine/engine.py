@@ -254,16 +254,19 @@ class Engine:
             family = [first]
             for i in range(1, params.n):
                 seed = sibling_seed(params.seed, i)
+                # Only the first reports prompt logprobs: the others may take its blocks.
+                own = dataclasses.replace(params, seed=seed, prompt_logprobs=None)
                 sib = dataclasses.replace(first, id=f"{rid}#{i}", prompt_ids=list(prompt_ids),
-                                          params=dataclasses.replace(params, seed=seed),
+                                          params=own,
                                           follows=first, index=i, output_ids=[],
                                           block_table=[], prompt_logprobs=[])  # fmt: skip
                 self.runner.prepare_sibling(sib, first)
                 family.append(sib)
             if compiled is not None:
                 assert self.grammars is not None
+                after = params.structured.after_token if params.structured else None
                 for req in family:
-                    req.constraint = self.grammars.constraint(compiled)
+                    req.constraint = self.grammars.constraint(compiled, after)
             for req in family:
                 self.scheduler.add(req)
         except BaseException:
@@ -291,10 +294,10 @@ class Engine:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (every sequence), or one sequence "<id>#<i>"; blocks are freed before
-        the next step."""
-        ids = self._families.get(request_id) or ([request_id] if request_id in self._streams
-                                                 else [])  # fmt: skip
+        """Stop a request (every sequence), or one sequence "<id>#<i>" ("<id>#0" the first);
+        blocks are freed before the next step."""
+        one = request_id.removesuffix("#0")
+        ids = self._families.get(request_id) or ([one] if one in self._streams else [])
         if ids:
             self._aborts.update(ids)
             self._wakeup()

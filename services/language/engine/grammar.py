@@ -141,22 +141,31 @@ class GrammarCompiler:
             return c.compile_grammar("root ::= " + " | ".join(json.dumps(x) for x in s.choices))
         return c.compile_grammar(s.spec)
 
-    def constraint(self, compiled: xgr.CompiledGrammar) -> GrammarConstraint:
-        return GrammarConstraint(xgr.GrammarMatcher(compiled))
+    def constraint(
+        self, compiled: xgr.CompiledGrammar, after_token: int | None = None
+    ) -> GrammarConstraint:
+        return GrammarConstraint(xgr.GrammarMatcher(compiled), after_token)
 
 
 class GrammarConstraint:
-    """One sequence's grammar state (implements `request.TokenConstraint`)."""
+    """One sequence's grammar state (implements `request.TokenConstraint`). With
+    `after_token`, it is inactive (masks nothing, accepts anything) until that token is
+    accepted: a reasoning model thinks freely and answers under the grammar."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, after_token: int | None = None) -> None:
         self.matcher = matcher
+        self.after_token = after_token
+        self.active = after_token is None
 
     def accept(self, token: int) -> bool:
+        if not self.active:
+            self.active = token == self.after_token
+            return True
         return bool(self.matcher.accept_token(token))
 
     @property
     def finished(self) -> bool:
-        return bool(self.matcher.is_terminated())
+        return self.active and bool(self.matcher.is_terminated())
 
 
 def fill_bitmasks(

@@ -88,7 +88,9 @@ def process_logits(logits: torch.Tensor, rows: list[SampleInput]) -> torch.Tenso
         for t in sorted(r.stop_ids)
         if t < vocab
     ]
-    constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+    constrained = [
+        i for i, r in enumerate(rows) if r.constraint is not None and r.constraint.active
+    ]
     if not (rep or counted or banned or constrained):
         return logits if logits.dtype == torch.float32 else logits.float()
     scores = logits.float().clone()

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from common.config import ModelConfig
 from common.contract import PreprocessConfig
 from common.contract.images import add_image_limit_arguments, image_limits_from_args
+from common.cores import CoreShare
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.lifecycle import serve_service, start_service, stop_service
@@ -48,6 +49,7 @@ class EncoderServiceConfig:
     # tensors (over any transport) before the server stops and the pool is freed, in seconds.
     handoff_s: float = 5.0
     num_threads: int | None = None  # torch threads; None = torch's default (one per core)
+    share_cores: str | None = None  # PATH,SLOT,CORES of `epd up`'s core ledger (common.cores)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
         device=args.device,
         advertise_host=args.advertise_host,
         num_threads=args.num_threads,
+        share_cores=args.share_cores,
     )
 
 
@@ -194,7 +197,10 @@ class EncoderService:
         log.info("vision tower loaded in %.2f s", time.perf_counter() - started)
         pixels = cfg.encoder.limits.max_image_pixels
         pre = PreprocessConfig.from_dir(cfg.model, max_input_pixels=pixels)
-        encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device)
+        cores = None
+        if cfg.share_cores:
+            cores = CoreShare.from_spec(cfg.share_cores, set_torch_threads)
+        encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device, cores)
         await encoder.start()
         self.encoder = encoder
         await encoder.warm_up()

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from common.cores import CoreShare
 from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
 from services.encoder.cache import CachedImage, Grid, Pending
 from services.encoder.metrics import EncoderMetrics
@@ -66,8 +67,12 @@ class Batcher:
         max_batch_patches: int,
         max_batch_images: int,
         max_wait_s: float,
+        cores: CoreShare | None = None,
     ) -> None:
+        """`cores`: the host's cores shared with other roles (`common.cores`), claimed per
+        forward; None = the process's own thread count."""
         self.tower, self.device, self._settle, self.metrics = tower, device, settle, metrics
+        self.cores = cores
         self.max_batch_patches, self.max_batch_images = max_batch_patches, max_batch_images
         self.max_wait_s = max_wait_s
         self.forwards = 0  # tower forwards run for requests (warm-up not counted)
@@ -95,7 +100,10 @@ class Batcher:
 
     def forward(self, pixels: list[torch.Tensor], grids: list[Grid]) -> list[torch.Tensor]:
         """On the torch thread only. One CPU copy per image: `[n_tokens, (1+D)*H]`."""
-        with torch.inference_mode():
+        with (
+            self.cores.forward() if self.cores else contextlib.nullcontext(),
+            torch.inference_mode(),
+        ):
             x = torch.cat(pixels).to(self.device)  # [sum(t*h*w), C*T*P*P]
             outs = self.tower(x, grids)
             # Own copies: a cached entry must not keep the whole batch's output alive.

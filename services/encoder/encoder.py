@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.contract import ImageLimits, PreprocessConfig, image_token_count
+from common.cores import CoreShare
 from common.rpc import tensor_pb2
 from common.transfer import PoolExhaustedError, Producer
 from services.encoder.batcher import Batcher, Dropped
@@ -107,6 +108,7 @@ class Encoder:
         cfg: EncoderConfig | None = None,
         metrics: EncoderMetrics | None = None,
         device: torch.device | str = "cpu",
+        cores: CoreShare | None = None,
     ) -> None:
         self.tower, self.preprocess_cfg, self.producer = tower, preprocess_cfg, producer
         self.cfg = cfg or EncoderConfig()
@@ -119,7 +121,8 @@ class Encoder:
         self._tasks: set[asyncio.Task[None]] = set()
         c = self.cfg
         self.batcher = Batcher(tower, self.device, self._settle, self.metrics,
-                               c.max_batch_patches, c.max_batch_images, c.max_wait_s)  # fmt: skip
+                               c.max_batch_patches, c.max_batch_images, c.max_wait_s,
+                               cores)  # fmt: skip
         self._preprocess = ThreadPoolExecutor(
             self.cfg.preprocess_threads, thread_name_prefix="epd-encoder-preprocess"
         )

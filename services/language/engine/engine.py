@@ -28,12 +28,18 @@ import torch
 
 from common.config import ModelConfig
 from common.contract import FinishReason, SamplingParams, image_pad_runs
+from common.cores import CoreShare
 from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import ImageSpan, Request
 from services.language.engine.sampler import Sample
-from services.language.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from services.language.engine.scheduler import (
+    QueueFull,
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+)
 from services.language.inputs import image_identity
 from services.language.metrics import LanguageMetrics
 
@@ -103,9 +109,11 @@ class Engine:
         metrics: LanguageMetrics | None = None,
         max_model_len: int | None = None,
         max_image_bytes: int = 2 << 30,
+        cores: CoreShare | None = None,
     ) -> None:
         """`max_model_len`: tokens one sequence may hold (default: the checkpoint's context,
-        capped by what the KV cache holds); `max_image_bytes`: image tensor bytes held at once."""
+        capped by what the KV cache holds); `max_image_bytes`: image tensor bytes held at once;
+        `cores`: the host's cores shared with other roles, claimed per step (`common.cores`)."""
         self.cfg, self.runner = cfg, runner
         self.max_model_len = max_model_len or min(
             cfg.text.max_position_embeddings, runner.capacity_tokens
@@ -120,6 +128,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.metrics = metrics or LanguageMetrics()
         self.max_image_bytes = max_image_bytes
+        self.cores = cores
         self._reserved_slots = 0
         self._held_image_bytes = 0
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
@@ -274,7 +283,7 @@ class Engine:
                 await asyncio.sleep(0.001)
                 continue
             try:
-                samples = await run_on_torch_thread(self.runner.run, chunks)
+                samples = await run_on_torch_thread(self._step, chunks)
             except Exception:  # a failed forward must not take the service down
                 log.exception("forward failed; ending the %d requests of this step", len(chunks))
                 for c in chunks:
@@ -283,6 +292,13 @@ class Engine:
             tokens = {rid: s.token for rid, s in samples.items()}
             for req, _, reason in self.scheduler.postprocess(chunks, tokens):
                 self._emit(req, samples[req.id], reason)
+
+    def _step(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
+        """One forward, on the torch thread, with the cores it may use."""
+        if self.cores is None:
+            return self.runner.run(chunks)
+        with self.cores.forward():
+            return self.runner.run(chunks)
 
     def _emit(self, req: Request, sample: Sample, reason: FinishReason | None) -> None:
         now = time.monotonic()

@@ -18,7 +18,7 @@ TORCH_INDEX_URL ?=
 IMAGE_PYTHON ?=
 WHEELHOUSE := build/wheelhouse
 
-.PHONY: venv demo test lint proto clean wheelhouse image
+.PHONY: venv demo test lint proto clean wheelhouse image test-deploy
 
 venv: $(STAMP)
 
@@ -59,6 +59,11 @@ image: wheelhouse
 		DOCKER_BUILDKIT=0 docker build --quiet -f deploy/Dockerfile -t $(IMAGE) \
 		--build-arg BASE_IMAGE=$$base --build-arg TORCH_VERSION=$(TORCH_VERSION) $(WHEELHOUSE)
 	docker image ls $(IMAGE)
+
+# The compose stack for real, on this machine's Docker engine (tests/docker): under 10 minutes,
+# and it removes its containers, volumes and network whatever happens. Not part of `make test`.
+test-deploy: image
+	EPD_IMAGE=$(IMAGE) $(BIN)/python -m pytest -q tests/docker
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Icommon/rpc=proto --python_out=. --grpc_python_out=. \

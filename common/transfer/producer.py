@@ -9,7 +9,7 @@ import zlib
 import torch
 
 from common.rpc import tensor_pb2
-from common.transfer import backends, dtypes, metrics
+from common.transfer import backends, dtypes, fabric, metrics
 from common.transfer.backends.base import ExportContext, Exporter
 from common.transfer.config import TransferConfig
 from common.transfer.errors import TransferError
@@ -23,16 +23,24 @@ log = logging.getLogger(__name__)
 
 
 def enabled_backends(config: TransferConfig, store_address: str | None) -> list[str]:
-    """The locations this producer can hand out, most preferred first for `auto`."""
+    """The locations this producer can hand out, in `auto`'s order of preference.
+
+    `auto` on a host pool: shm for a consumer on this host; for other hosts nixl only when this
+    host's UCX can use RDMA (over TCP NIXL is the slowest backend, `fabric.py`), else the grpc
+    stream. A CUDA pool can only go through NIXL.
+    """
     if config.backend != "auto":
         return [config.backend]
-    names = ["shm"] if config.device == "cpu" else []
-    if backends.nixl_available():
+    if config.device != "cpu":
+        if not backends.nixl_available():
+            raise ValueError("backend 'auto' on a CUDA pool needs NIXL installed")
+        return ["nixl"]
+    names = ["shm"]
+    rdma = fabric.local_rdma(config.ucx_tls)
+    if backends.nixl_available() and (rdma or not store_address):
         names.append("nixl")
     if store_address:
         names.append("grpc")
-    if not names:
-        raise ValueError("backend 'auto' on a CUDA pool needs NIXL installed")
     return names
 
 
@@ -140,9 +148,18 @@ class Producer:
         self.close()
 
     def _choose(self, peer_host: str | None) -> str:
+        """`auto`: shm for a consumer on this host; NIXL for one on another host when both ends
+        have RDMA (a consumer that did not say where it is gets it when this end has RDMA);
+        otherwise the grpc stream. A fixed backend is the only one enabled."""
         names = self.backends
-        if self.config.backend == "auto" and "shm" in names and peer_host != host_id():
-            names.remove("shm")
+        if len(names) == 1:
+            return names[0]
+        if "shm" in names and peer_host == host_id():
+            return "shm"
+        names = [n for n in names if n != "shm"]
+        no_rdma_peer = peer_host is not None and not fabric.peer_has_rdma(peer_host)
+        if "nixl" in names and "grpc" in names and no_rdma_peer:
+            names.remove("nixl")
         return names[0] if names else "shm"
 
     def _reap_loop(self) -> None:

@@ -61,9 +61,13 @@ image: wheelhouse
 	docker image ls $(IMAGE)
 
 # The compose stack for real, on this machine's Docker engine (tests/docker): under 10 minutes,
-# and it removes its containers, volumes and network whatever happens. Not part of `make test`.
+# and it removes its containers, volumes and network whatever happens (pytest's teardown, and
+# this shell's trap if pytest itself dies). Not part of `make test`.
+COMPOSE_PROJECT := epd-test-deploy
 test-deploy: image
-	EPD_IMAGE=$(IMAGE) $(BIN)/python -m pytest -q tests/docker
+	trap '$(BIN)/python -m tests.docker.stack down $(COMPOSE_PROJECT)' EXIT INT TERM; \
+		EPD_IMAGE=$(IMAGE) EPD_COMPOSE_PROJECT=$(COMPOSE_PROJECT) \
+		$(BIN)/python -m pytest -q -s tests/docker
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Icommon/rpc=proto --python_out=. --grpc_python_out=. \

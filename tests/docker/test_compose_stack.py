@@ -14,8 +14,9 @@ import threading
 import time
 
 import openai
-from conftest import Stack, docker, http_ok
 from PIL import Image
+
+from tests.docker.stack import Stack, docker, http_ok
 
 ENCODE_CALLS = "epd_encoder_request_seconds_count"
 

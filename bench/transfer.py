@@ -57,10 +57,6 @@ class Placement:
     # How to start a producer-side child (None: as a plain child of this process).
     wrap: Callable[[list[str]], list[str]] | None = None
 
-    @property
-    def remote(self) -> bool:
-        return self.wrap is not None
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="1,16,64", help="tensor sizes in MiB, comma separated")

@@ -7,6 +7,7 @@ runs whatever happened to pytest:
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -71,17 +72,19 @@ class Stack:
         return sorted(out.split())
 
     def metric(self, container: str, name: str) -> float:
-        """One sample from the /metrics of a container (port 9090 is not published: ask from
-        inside, with the image's own Python)."""
+        """The sum of `name`'s series on a container's /metrics, 0 if none has a sample yet (a
+        labelled counter before its first event). Port 9090 is not published: ask from inside,
+        with the image's own Python."""
         script = (
             "import urllib.request; print(urllib.request.urlopen("
             "'http://127.0.0.1:9090/metrics', timeout=5).read().decode())"
         )
         text = docker("exec", container, "python3", "-c", script)
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{container} exports no {name}")
+        family = re.sub(r"_(total|count|sum|bucket)$", "", name)
+        if f"# TYPE {family} " not in text and f"# TYPE {name} " not in text:
+            raise AssertionError(f"{container} exports no {name}")
+        series = [ln for ln in text.splitlines() if ln.startswith((name + " ", name + "{"))]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in series)
 
     def leftovers(self) -> list[str]:
         """Containers, volumes and networks of this project that still exist."""

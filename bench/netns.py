@@ -46,6 +46,13 @@ def available() -> str | None:
     return None
 
 
+def loss_available() -> str | None:
+    """None if hosts can lose and block packets (`Host.set_loss`, `Host.block`), else why not."""
+    if shutil.which("iptables") is None:
+        return "needs `iptables` (apt-get install iptables)"
+    return available()
+
+
 def _ip(*args: str, netns: str | None = None) -> None:
     argv = ["ip", *(["-n", netns] if netns else []), *args]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import available
+from bench.netns import available, loss_available
 from tests.multihost.cluster import Cluster
 
 REASON = available()
@@ -58,6 +58,7 @@ def test_chat_across_hosts(cluster: Cluster) -> None:
     assert all(fetched(cluster, b) == 0 for b in others), {b: fetched(cluster, b) for b in others}
 
 
+@pytest.mark.skipif(loss_available() is not None, reason=f"packet loss: {loss_available()}")
 @pytest.mark.parametrize("loss", [0.01, 0.05])
 def test_packet_loss(cluster: Cluster, loss: float) -> None:
     hosts = [*cluster.encoders, *cluster.languages, "gateway", "client"]

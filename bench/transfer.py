@@ -11,10 +11,11 @@ Two more references show what this host allows below each backend (`bench.transf
 `tcp`, a raw loopback socket, caps the gRPC stream; `cma`, a bare `process_vm_readv`, caps NIXL
 on one host without RDMA. Each backend's ratio to its ceiling is printed when both ran.
 
-Two more rows: `nixl-pt` is nixl with NIXL's UCX progress thread in the producer (what
-`epd encoder --nixl-progress-thread` runs), and `auto` is whatever the `auto` producer publishes
-through for this consumer (it is told the consumer's `host_id()`, as an Encode call tells it); the
-row says which backend that was.
+More rows: `nixl-pt` is nixl with NIXL's UCX progress thread in the producer (what
+`epd encoder --nixl-progress-thread` runs); `auto` is whatever the `auto` producer publishes
+through for this consumer (it is told the consumer's `host_id()`, as an Encode call tells it),
+and `auto-pt` the same with the progress thread; their labels say which backend that was, per
+size.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from common.transfer.loopback import LoopbackProducer, make_tensor
 
 # Loopback producers: the backend they are started with, and whether NIXL's progress thread runs.
 PRODUCERS = {"shm": ("shm", False), "nixl": ("nixl", False), "nixl-pt": ("nixl", True),
-             "grpc": ("grpc", False), "auto": ("auto", False)}  # fmt: skip
+             "grpc": ("grpc", False), "auto": ("auto", False),
+             "auto-pt": ("auto", True)}  # fmt: skip
 BACKENDS = ("memcpy", *PRODUCERS, *CEILINGS)
 DEFAULT_BACKENDS = "memcpy,shm,nixl,grpc,tcp,cma"
 # The raw path under each backend, on one host.
@@ -64,10 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backends",
         default=None,
         help=f"subset of {','.join(BACKENDS)} (default {DEFAULT_BACKENDS}; with --netns "
-        "nixl,nixl-pt,grpc,auto,tcp)",
+        "nixl,nixl-pt,grpc,auto,auto-pt,tcp)",
     )
     parser.add_argument(
         "--repeat", type=int, default=0, help="timed fetches per cell (default: by size, 7-30)"
+    )
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=None,
+        help="measure every backend this many times, each pass in a rotated order, and report "
+        "the median of the passes (a shared machine's load drifts; --netns default 3)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list, not a table")
     net = parser.add_argument_group("two hosts")
@@ -106,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("memcpy, shm and cma have no meaning across hosts")
         producer = Host("producer", args.producer_netns, args.producer_address)
         placement = Placement(args.producer_address, args.consumer_address, producer.argv)
-    rows = measure_rows(names, sizes, args.repeat, placement)
+    passes = 1 if args.passes is None else args.passes
+    if passes < 1:
+        raise ValueError(f"--passes must be at least 1, got {passes}")
+    rows = measure_rows(names, sizes, args.repeat, placement, passes)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -115,12 +127,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure_rows(
-    names: list[str], sizes: list[int], repeat: int, placement: Placement
+    names: list[str], sizes: list[int], repeat: int, placement: Placement, passes: int = 1
 ) -> list[dict[str, Any]]:
+    """One row per backend and size; with several passes, each figure is the median of its
+    passes (pass p runs the backends rotated by p, so a drift in load hits each in turn)."""
+    cells: dict[str, list[dict[int, dict[str, Any]]]] = {name: [] for name in names}
+    for p in range(passes):
+        for name in names[p % len(names) :] + names[: p % len(names)]:
+            cells[name].append(_measure(name, sizes, repeat, placement))
     rows: list[dict[str, Any]] = []
     for name in names:
-        for size, cell in _measure(name, sizes, repeat, placement).items():
-            rows.append({"backend": name, "size_mib": size, **_rounded(cell)})
+        for size in sizes:
+            runs = [run[size] for run in cells[name]]
+            merged = {k: statistics.median(r[k] for r in runs) if isinstance(v, float) else v
+                      for k, v in runs[0].items()}  # fmt: skip
+            rows.append({"backend": name, "size_mib": size, **_rounded(merged)})
     return rows
 
 
@@ -234,11 +255,13 @@ def print_table(rows: list[dict[str, Any]], sizes: list[int], names: list[str]) 
     by = {(r["backend"], r["size_mib"]): r for r in rows}
 
     def line(label: str, cells: list[str]) -> None:
-        print(f"{label:<11}" + "".join(f"{c:>14}" for c in cells))
+        print(f"{label:<18}" + "".join(f"{c:>14}" for c in cells))
 
     def label(name: str) -> str:
-        via = by[(name, sizes[0])].get("via")
-        return f"{name}>{via}" if name == "auto" and via else name
+        if not name.startswith("auto"):
+            return name
+        vias = dict.fromkeys(str(by[(name, s)].get("via")) for s in sizes)  # in size order
+        return f"{name}>{'/'.join(vias)}"
 
     line("backend", [f"{s} MiB GB/s" for s in sizes])
     for name in names:

@@ -20,8 +20,8 @@ class TransferConfig:
     """
 
     # Producer: "shm" (same host), "nixl" (UCX READ, any host), "grpc" (TensorStore stream), or
-    # "auto" (shm for a consumer on this host; nixl for another host when both ends have RDMA,
-    # else grpc; see producer.enabled_backends and fabric.py).
+    # "auto" (shm for a consumer on this host; nixl for another host when both ends have RDMA or,
+    # with nixl_progress_thread, for small tensors; else grpc: producer.enabled_backends).
     backend: str = "auto"
     # Producer pool capacity in bytes: preallocated and registered once, never grown.
     pool_bytes: int = 1 << 30

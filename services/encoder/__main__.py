@@ -112,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BACKEND_CHOICES,
         default="auto",
         help="how consumers pull tensors. auto: shm for a consumer on this host; for another "
-        "host nixl when both have RDMA (UCX over TCP is slower than the grpc stream), else grpc",
+        "host nixl when both have RDMA, or for tensors up to 4 MiB with --nixl-progress-thread "
+        "(UCX over TCP is slower than the grpc stream otherwise), else grpc",
     )
     t.add_argument(
         "--pool-bytes",

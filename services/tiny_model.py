@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,11 +140,22 @@ def make_tiny_model(
     model.save_pretrained(out)
     if expert_layout == "hub":
         _to_hub_expert_layout(out)
+    _apply_umask(out.glob("*.safetensors"))
     _write_generation_config(out, ids)
     if arch != "qwen3_moe":
         _write_image_processor(out, p)
     log.info("wrote %s checkpoint (%s preset, seed %d) to %s", arch, preset, seed, out)
     return out
+
+
+def _apply_umask(paths: Iterable[Path]) -> None:
+    """safetensors writes its files 0600 whatever the umask; give them the mode every other file
+    of the checkpoint gets, so a container running as another user (the image's uid 10001) can
+    read a checkpoint made here."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        path.chmod(0o666 & ~mask)
 
 
 def preset_text_config(preset: str) -> TextConfig:

@@ -113,7 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--transport",
         choices=BACKEND_CHOICES,
         default="auto",
-        help="how consumers pull tensors (auto: shm on this host, else nixl, else grpc)",
+        help="how consumers pull tensors. auto: shm for a consumer on this host; for another "
+        "host nixl when both have RDMA, or for tensors up to 4 MiB with --nixl-progress-thread "
+        "(UCX over TCP is slower than the grpc stream otherwise), else grpc",
     )
     t.add_argument(
         "--pool-bytes",
@@ -133,6 +135,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="name prefix of this encoder's /dev/shm segment (starts with 'epd-')",
     )
     t.add_argument(
+        "--nixl-progress-thread",
+        action=argparse.BooleanOptionalAction,
+        default=TransferConfig.nixl_progress_thread,
+        help="run NIXL's UCX progress thread: needed for speed over TCP (READs there need the "
+        "producer's progress), costs a busy core; CMA and RDMA READs do not need it",
+    )
+    t.add_argument(
+        "--ucx-tls",
+        default=None,
+        help="UCX transports NIXL may use (UCX_TLS), e.g. 'rc,sm,self' or 'tcp'; default: the "
+        "environment's UCX_TLS, else all",
+    )
+    t.add_argument(
+        "--ucx-net-devices",
+        default=None,
+        help="network devices UCX may use (UCX_NET_DEVICES), e.g. 'mlx5_0:1,eth0'; default all",
+    )
+    t.add_argument(
         "--advertise-host",
         default=None,
         help="host consumers dial for the grpc transport (e.g. the pod IP)",
@@ -149,6 +169,9 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
             pool_bytes=args.pool_bytes,
             lease_s=args.lease,
             shm_prefix=args.shm_prefix,
+            nixl_progress_thread=args.nixl_progress_thread,
+            ucx_tls=args.ucx_tls,
+            ucx_net_devices=args.ucx_net_devices,
         ),
         encoder=EncoderConfig(
             max_batch_patches=args.max_batch_patches,

@@ -16,6 +16,7 @@ $(STAMP):
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,nixl,gpu]'
+	$(BIN)/python tests/reference/install_torchvision.py  # transformers' video processor (tests)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

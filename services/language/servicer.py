@@ -77,7 +77,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         try:
             params = sampling_from_proto(request.sampling)
             refs = [image_ref_from_proto(m, merge, i) for i, m in enumerate(request.images)]
-            spans = check_prompt(prompt, [r.n_tokens for r in refs], params, limits)
+            spans = check_prompt(prompt, [r.n_tokens for r in refs], params, limits).images
         except ContractError as e:
             await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
         try:

@@ -463,7 +463,7 @@ class Orchestrator:
         tried: list[str] = []
         if isinstance(image, VideoChunk):
             request = image.encode_request(consumer_host)
-            key, what = image.route_key, f"video {image.index}"
+            key, what = image.video.sha256, f"video {image.index}"
         else:
             request = encoder_pb2.EncodeRequest(
                 images=[encoder_pb2.ImageData(data=image.data, content_hash=image.sha256)],
@@ -473,6 +473,8 @@ class Orchestrator:
         # The encoder that owns this content hash first (its cache), then the least loaded;
         # encoders that lost this image in an earlier round go last.
         ranked = self.encoders.rank(key)
+        if isinstance(image, VideoChunk):  # chunk k first on the k-th: a video fans out
+            ranked = image.route(ranked)
         order = ranked[:1] + sorted(ranked[1:], key=lambda b: b.outstanding)
         order = [b for b in order if b.address not in avoid] + [
             b for b in order if b.address in avoid

@@ -4,8 +4,9 @@ Before anything is encoded, every video is planned exactly as the encoder will p
 (`common.contract.videos.plan_video`: sampled frames, grid, timestamps), so the prompt (its
 timestamp text and video-pad runs) is complete and checked against the replica first. A video
 of more than `--video-chunk-patches` patches is cut into chunks of whole temporal patches; each
-chunk is one Encode call, routed by the video's hash and the chunk's first patch (rendezvous
-hashing: chunks of one video spread over the encoders, and the same chunk meets the same cache).
+chunk is one Encode call. Chunk k goes to the k-th encoder in the video's rendezvous ranking, so
+the chunks of one video spread over the encoders (one each while there are enough) and the same
+chunk meets the same cache again.
 The language service receives the chunks in order; each temporal patch is its own run of tokens
 there, so a chunked video is exactly the whole one.
 """
@@ -13,11 +14,14 @@ there, so a chunked video is exactly the whole one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from common.contract import VideoPlan, VideoPreprocessConfig, VideoSampling, plan_video
 from common.contract.videos import chunk_patches
 from common.rpc import encoder_pb2
 from services.gateway.media import Video
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +34,14 @@ class VideoChunk:
     sampling: VideoSampling
     first: int
     count: int
+    ordinal: int = 0  # k: the video's k-th chunk
 
-    @property
-    def route_key(self) -> str:
-        return f"{self.video.sha256}/{self.first}"
+    def route(self, ranked: list[T]) -> list[T]:
+        """The encoders in the order this chunk tries them: the video's ranking rotated by k."""
+        if not ranked:
+            return ranked
+        k = self.ordinal % len(ranked)
+        return ranked[k:] + ranked[:k]
 
     @property
     def timestamps(self) -> tuple[float, ...]:
@@ -71,6 +79,6 @@ def plan_chunks(
         except ValueError as e:
             raise ValueError(f"video {i}: {e}") from None
         plans.append(plan)
-        for first, count in chunk_patches(plan.grid, max_patches):
-            chunks.append(VideoChunk(i, video, plan, sampling, first, count))
+        for k, (first, count) in enumerate(chunk_patches(plan.grid, max_patches)):
+            chunks.append(VideoChunk(i, video, plan, sampling, first, count, k))
     return plans, chunks

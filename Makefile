@@ -28,6 +28,7 @@ $(STAMP):
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,nixl,gpu]'
 	$(BIN)/python -m services.language.kernels.cpu_ext  # the C++ CPU kernels, built once
+	$(BIN)/python tests/reference/install_torchvision.py  # transformers' video processor (tests)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

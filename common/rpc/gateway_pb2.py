@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ommon/rpc/gateway.proto\x12\x0e\x65pd.gateway.v1\"\x9d\x03\n\x0b\x43hatRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.epd.gateway.v1.Message\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x19\n\x0ctop_logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0f\n\r_top_logprobs\">\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12%\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x14.epd.gateway.v1.Part\"D\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"d\n\x0c\x43hatResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.epd.gateway.v1.DeltaH\x00\x12$\n\x04\x64one\x18\x02 \x01(\x0b\x32\x14.epd.gateway.v1.DoneH\x00\x42\x06\n\x04kind\":\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\xe0\x01\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x41\n\x0ftimings_seconds\x18\x05 \x03(\x0b\x32(.epd.gateway.v1.Done.TimingsSecondsEntry\x1a\x35\n\x13TimingsSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32O\n\x04\x43hat\x12G\n\x08\x43omplete\x12\x1b.epd.gateway.v1.ChatRequest\x1a\x1c.epd.gateway.v1.ChatResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ommon/rpc/gateway.proto\x12\x0e\x65pd.gateway.v1\"\xf7\x03\n\x0b\x43hatRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.epd.gateway.v1.Message\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x19\n\x0ctop_logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x12\x16\n\tvideo_fps\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10video_max_frames\x18\x10 \x01(\rH\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0f\n\r_top_logprobsB\x0c\n\n_video_fpsB\x13\n\x11_video_max_frames\">\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12%\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x14.epd.gateway.v1.Part\"j\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x12\x0f\n\x05video\x18\x04 \x01(\x0cH\x00\x12\x13\n\tvideo_url\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"d\n\x0c\x43hatResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.epd.gateway.v1.DeltaH\x00\x12$\n\x04\x64one\x18\x02 \x01(\x0b\x32\x14.epd.gateway.v1.DoneH\x00\x42\x06\n\x04kind\":\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\xe0\x01\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x41\n\x0ftimings_seconds\x18\x05 \x03(\x0b\x32(.epd.gateway.v1.Done.TimingsSecondsEntry\x1a\x35\n\x13TimingsSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32O\n\x04\x43hat\x12G\n\x08\x43omplete\x12\x1b.epd.gateway.v1.ChatRequest\x1a\x1c.epd.gateway.v1.ChatResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DONE_TIMINGSSECONDSENTRY']._loaded_options = None
   _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_options = b'8\001'
   _globals['_CHATREQUEST']._serialized_start=45
-  _globals['_CHATREQUEST']._serialized_end=458
-  _globals['_MESSAGE']._serialized_start=460
-  _globals['_MESSAGE']._serialized_end=522
-  _globals['_PART']._serialized_start=524
-  _globals['_PART']._serialized_end=592
-  _globals['_CHATRESPONSE']._serialized_start=594
-  _globals['_CHATRESPONSE']._serialized_end=694
-  _globals['_DELTA']._serialized_start=696
-  _globals['_DELTA']._serialized_end=754
-  _globals['_DONE']._serialized_start=757
-  _globals['_DONE']._serialized_end=981
-  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_start=928
-  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_end=981
-  _globals['_CHAT']._serialized_start=983
-  _globals['_CHAT']._serialized_end=1062
+  _globals['_CHATREQUEST']._serialized_end=548
+  _globals['_MESSAGE']._serialized_start=550
+  _globals['_MESSAGE']._serialized_end=612
+  _globals['_PART']._serialized_start=614
+  _globals['_PART']._serialized_end=720
+  _globals['_CHATRESPONSE']._serialized_start=722
+  _globals['_CHATRESPONSE']._serialized_end=822
+  _globals['_DELTA']._serialized_start=824
+  _globals['_DELTA']._serialized_end=882
+  _globals['_DONE']._serialized_start=885
+  _globals['_DONE']._serialized_end=1109
+  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_start=1056
+  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_end=1109
+  _globals['_CHAT']._serialized_start=1111
+  _globals['_CHAT']._serialized_end=1190
 # @@protoc_insertion_point(module_scope)

@@ -25,45 +25,47 @@ _sym_db = _symbol_database.Default()
 from common.rpc import tensor_pb2 as common_dot_rpc_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/rpc/language.proto\x12\x0f\x65pd.language.v1\x1a\x17\x63ommon/rpc/tensor.proto\"\x9d\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06images\x18\x03 \x03(\x0b\x32\x19.epd.language.v1.ImageRef\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.epd.language.v1.SamplingParams\"w\n\x08ImageRef\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12*\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x18.epd.language.v1.GridTHW\x12\x12\n\nimage_hash\x18\x03 \x01(\t\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\r\x12\t\n\x01h\x18\x02 \x01(\r\x12\t\n\x01w\x18\x03 \x01(\r\"\xe2\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"t\n\x10GenerateResponse\x12)\n\x06tokens\x18\x01 \x01(\x0b\x32\x17.epd.language.v1.TokensH\x00\x12-\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x19.epd.language.v1.FinishedH\x00\x42\x06\n\x04kind\"L\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1d.epd.language.v1.TokenLogprob\"I\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.epd.language.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9a\x01\n\x08\x46inished\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.epd.language.v1.FinishReason\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.epd.language.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.epd.language.v1.Timings\"P\n\x07Timings\x12\x14\n\x0cpull_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x10\n\x0eGetInfoRequest\"r\n\x0cGetInfoReply\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xed\x01\n\x08Language\x12Q\n\x08Generate\x12 .epd.language.v1.GenerateRequest\x1a!.epd.language.v1.GenerateResponse0\x01\x12\x43\n\x05\x41\x62ort\x12\x1d.epd.language.v1.AbortRequest\x1a\x1b.epd.language.v1.AbortReply\x12I\n\x07GetInfo\x12\x1f.epd.language.v1.GetInfoRequest\x1a\x1d.epd.language.v1.GetInfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/rpc/language.proto\x12\x0f\x65pd.language.v1\x1a\x17\x63ommon/rpc/tensor.proto\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06images\x18\x03 \x03(\x0b\x32\x19.epd.language.v1.ImageRef\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.epd.language.v1.SamplingParams\x12)\n\x06videos\x18\x05 \x03(\x0b\x32\x19.epd.language.v1.VideoRef\"\x8c\x01\n\x08VideoRef\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12*\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x18.epd.language.v1.GridTHW\x12\x12\n\nvideo_hash\x18\x03 \x01(\t\x12\x13\n\x0b\x66irst_patch\x18\x04 \x01(\r\"w\n\x08ImageRef\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12*\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x18.epd.language.v1.GridTHW\x12\x12\n\nimage_hash\x18\x03 \x01(\t\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\r\x12\t\n\x01h\x18\x02 \x01(\r\x12\t\n\x01w\x18\x03 \x01(\r\"\xe2\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"t\n\x10GenerateResponse\x12)\n\x06tokens\x18\x01 \x01(\x0b\x32\x17.epd.language.v1.TokensH\x00\x12-\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x19.epd.language.v1.FinishedH\x00\x42\x06\n\x04kind\"L\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1d.epd.language.v1.TokenLogprob\"I\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.epd.language.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9a\x01\n\x08\x46inished\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.epd.language.v1.FinishReason\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.epd.language.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.epd.language.v1.Timings\"P\n\x07Timings\x12\x14\n\x0cpull_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x10\n\x0eGetInfoRequest\"r\n\x0cGetInfoReply\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xed\x01\n\x08Language\x12Q\n\x08Generate\x12 .epd.language.v1.GenerateRequest\x1a!.epd.language.v1.GenerateResponse0\x01\x12\x43\n\x05\x41\x62ort\x12\x1d.epd.language.v1.AbortRequest\x1a\x1b.epd.language.v1.AbortReply\x12I\n\x07GetInfo\x12\x1f.epd.language.v1.GetInfoRequest\x1a\x1d.epd.language.v1.GetInfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.rpc.language_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1594
-  _globals['_FINISHREASON']._serialized_end=1739
+  _globals['_FINISHREASON']._serialized_start=1780
+  _globals['_FINISHREASON']._serialized_end=1925
   _globals['_GENERATEREQUEST']._serialized_start=72
-  _globals['_GENERATEREQUEST']._serialized_end=229
-  _globals['_IMAGEREF']._serialized_start=231
-  _globals['_IMAGEREF']._serialized_end=350
-  _globals['_GRIDTHW']._serialized_start=352
-  _globals['_GRIDTHW']._serialized_end=394
-  _globals['_SAMPLINGPARAMS']._serialized_start=397
-  _globals['_SAMPLINGPARAMS']._serialized_end=751
-  _globals['_GENERATERESPONSE']._serialized_start=753
-  _globals['_GENERATERESPONSE']._serialized_end=869
-  _globals['_TOKENS']._serialized_start=871
-  _globals['_TOKENS']._serialized_end=947
-  _globals['_TOKENLOGPROB']._serialized_start=949
-  _globals['_TOKENLOGPROB']._serialized_end=1022
-  _globals['_TOPLOGPROB']._serialized_start=1024
-  _globals['_TOPLOGPROB']._serialized_end=1071
-  _globals['_FINISHED']._serialized_start=1074
-  _globals['_FINISHED']._serialized_end=1228
-  _globals['_TIMINGS']._serialized_start=1230
-  _globals['_TIMINGS']._serialized_end=1310
-  _globals['_USAGE']._serialized_start=1312
-  _globals['_USAGE']._serialized_end=1392
-  _globals['_GETINFOREQUEST']._serialized_start=1394
-  _globals['_GETINFOREQUEST']._serialized_end=1410
-  _globals['_GETINFOREPLY']._serialized_start=1412
-  _globals['_GETINFOREPLY']._serialized_end=1526
-  _globals['_ABORTREQUEST']._serialized_start=1528
-  _globals['_ABORTREQUEST']._serialized_end=1562
-  _globals['_ABORTREPLY']._serialized_start=1564
-  _globals['_ABORTREPLY']._serialized_end=1591
-  _globals['_LANGUAGE']._serialized_start=1742
-  _globals['_LANGUAGE']._serialized_end=1979
+  _globals['_GENERATEREQUEST']._serialized_end=272
+  _globals['_VIDEOREF']._serialized_start=275
+  _globals['_VIDEOREF']._serialized_end=415
+  _globals['_IMAGEREF']._serialized_start=417
+  _globals['_IMAGEREF']._serialized_end=536
+  _globals['_GRIDTHW']._serialized_start=538
+  _globals['_GRIDTHW']._serialized_end=580
+  _globals['_SAMPLINGPARAMS']._serialized_start=583
+  _globals['_SAMPLINGPARAMS']._serialized_end=937
+  _globals['_GENERATERESPONSE']._serialized_start=939
+  _globals['_GENERATERESPONSE']._serialized_end=1055
+  _globals['_TOKENS']._serialized_start=1057
+  _globals['_TOKENS']._serialized_end=1133
+  _globals['_TOKENLOGPROB']._serialized_start=1135
+  _globals['_TOKENLOGPROB']._serialized_end=1208
+  _globals['_TOPLOGPROB']._serialized_start=1210
+  _globals['_TOPLOGPROB']._serialized_end=1257
+  _globals['_FINISHED']._serialized_start=1260
+  _globals['_FINISHED']._serialized_end=1414
+  _globals['_TIMINGS']._serialized_start=1416
+  _globals['_TIMINGS']._serialized_end=1496
+  _globals['_USAGE']._serialized_start=1498
+  _globals['_USAGE']._serialized_end=1578
+  _globals['_GETINFOREQUEST']._serialized_start=1580
+  _globals['_GETINFOREQUEST']._serialized_end=1596
+  _globals['_GETINFOREPLY']._serialized_start=1598
+  _globals['_GETINFOREPLY']._serialized_end=1712
+  _globals['_ABORTREQUEST']._serialized_start=1714
+  _globals['_ABORTREQUEST']._serialized_end=1748
+  _globals['_ABORTREPLY']._serialized_start=1750
+  _globals['_ABORTREPLY']._serialized_end=1777
+  _globals['_LANGUAGE']._serialized_start=1928
+  _globals['_LANGUAGE']._serialized_end=2165
 # @@protoc_insertion_point(module_scope)

@@ -58,9 +58,10 @@ class LanguageServicer:
         """Generates tokens for one request. The stream carries one or more `tokens` messages and ends
         with exactly one `finished` message. Every error this service raises carries the trailing
         metadata key `epd-cause` (see `common/contract/faults.py`), so callers blame the right role:
-        cause "request"  INVALID_ARGUMENT: bad prompt ids, sampling values, images that disagree
-        with the prompt, or a prompt + max_tokens beyond max_model_len
-        cause "image"    an image could not be pulled; the code is the transfer error's own
+        cause "request"  INVALID_ARGUMENT: bad prompt ids, sampling values, images or videos that
+        disagree with the prompt, or a prompt + max_tokens beyond max_model_len
+        cause "image"    an image (or video: `epd-image-index` counts the images, then the videos)
+        could not be pulled; the code is the transfer error's own
         (UNAVAILABLE: its encoder is gone; NOT_FOUND: unknown or released handle;
         FAILED_PRECONDITION: lease expired; DEADLINE_EXCEEDED: pull too slow),
         with `epd-image-index`, `epd-producer` and `epd-transfer-reason`. The

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from common.config import ModelConfig
-from common.contract import PreprocessConfig
+from common.contract import PreprocessConfig, VideoPreprocessConfig
 from common.contract.images import add_image_limit_arguments, image_limits_from_args
+from common.contract.videos import add_video_limit_arguments, video_limits_from_args
 from common.cores import CoreShare
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Qwen3-VL(-MoE) checkpoint directory")
     add_server_arguments(parser, DEFAULT_PORT)
     add_image_limit_arguments(parser)
+    add_video_limit_arguments(parser)
     d = EncoderConfig()
     g = parser.add_argument_group("encoder")
     g.add_argument(
@@ -179,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
             max_wait_s=args.max_wait_ms / 1000,
             max_queue_images=args.max_queue_images,
             limits=image_limits_from_args(args),
+            video_limits=video_limits_from_args(args),
             cache_bytes=args.cache_bytes,
             preprocess_threads=args.preprocess_threads,
         ),
@@ -220,10 +223,12 @@ class EncoderService:
         log.info("vision tower loaded in %.2f s", time.perf_counter() - started)
         pixels = cfg.encoder.limits.max_image_pixels
         pre = PreprocessConfig.from_dir(cfg.model, max_input_pixels=pixels)
+        video = VideoPreprocessConfig.from_dir(cfg.model)
         cores = None
         if cfg.share_cores:
             cores = CoreShare.from_spec(cfg.share_cores, set_torch_threads)
-        encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device, cores)
+        encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device, video,
+                          cores)  # fmt: skip
         await encoder.start()
         self.encoder = encoder
         await encoder.warm_up()

@@ -31,6 +31,7 @@ from services.encoder.cache import CachedImage, Grid, Pending
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import VisionTower
 from services.encoder.preprocess import ProcessedImage
+from services.encoder.video import ProcessedVideo
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class ForwardError(RuntimeError):
 @dataclass(eq=False)
 class _Work:
     pending: Pending
-    image: ProcessedImage
+    image: ProcessedImage | ProcessedVideo  # a video (chunk) batches like an image of t frames
     enqueued: float  # event-loop time
 
     @property
@@ -91,7 +92,7 @@ class Batcher:
                 await self._task
         await wait_torch_thread_idle()  # no forward of ours is left in flight
 
-    def submit(self, pending: Pending, image: ProcessedImage) -> None:
+    def submit(self, pending: Pending, image: ProcessedImage | ProcessedVideo) -> None:
         self._queue.append(_Work(pending, image, asyncio.get_running_loop().time()))
         self._wakeup.set()
 
@@ -174,5 +175,6 @@ class Batcher:
         done = time.perf_counter()
         for work, out in zip(batch, outs, strict=True):
             p = work.pending
-            entry = CachedImage(out, work.image.grid_thw, p.preprocess_s, done - p.queued_at)
+            chunk = work.image.chunk if isinstance(work.image, ProcessedVideo) else None
+            entry = CachedImage(out, work.image.grid_thw, p.preprocess_s, done - p.queued_at, chunk)
             self._settle(p, entry, None)

@@ -92,6 +92,10 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
                     parts.append({"type": "image_bytes", "data": p.image})
                 elif kind == "image_url":
                     parts.append({"type": "image_url", "image_url": {"url": p.image_url}})
+                elif kind == "video":
+                    parts.append({"type": "video_bytes", "data": p.video})
+                elif kind == "video_url":
+                    parts.append({"type": "video_url", "video_url": {"url": p.video_url}})
             messages.append({"role": m.role, "content": parts})
         body: dict[str, Any] = {
             "model": self.model_name,
@@ -111,4 +115,8 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
                 body[name] = getattr(r, name)
         if r.HasField("top_logprobs"):
             body.update(logprobs=True, top_logprobs=r.top_logprobs)
+        kwargs = {name: getattr(r, f"video_{name}") for name in ("fps", "max_frames")
+                  if r.HasField(f"video_{name}")}  # fmt: skip
+        if kwargs:
+            body["mm_processor_kwargs"] = kwargs
         return body

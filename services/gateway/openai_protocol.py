@@ -19,9 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.contract import ContractError, ImageLimits, SamplingParams
+from common.contract import ContractError, ImageLimits, SamplingParams, VideoLimits
 from common.contract.sampling import MAX_SEED
-from services.gateway.media import Image, MediaError, load_image_url, read_image
+from services.gateway.media import (
+    Image,
+    MediaError,
+    Video,
+    load_image_url,
+    load_video_url,
+    read_image,
+    read_video,
+)
 
 ROLES = ("system", "user", "assistant", "developer")
 MAX_STOP_STRINGS = 16
@@ -53,7 +61,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "chat_template_kwargs": (None, {}),
     "add_generation_prompt": (None, True),
     "continue_final_message": (None, False),
-    "mm_processor_kwargs": (None, {}),
     "logits_processors": (None,),
     "truncate_prompt_tokens": (None,),
     "skip_special_tokens": (None, True),
@@ -97,6 +104,7 @@ class Limits:
 
     images: ImageLimits = field(default_factory=ImageLimits)
     allowed_media_dir: Path | None = None  # where file:// URLs may read from; None = nowhere
+    videos: VideoLimits = field(default_factory=VideoLimits)
 
 
 @dataclass
@@ -110,6 +118,11 @@ class ChatRequest:
     include_usage: bool = False
     logprobs: bool = False
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    videos: list[Video] = field(default_factory=list)  # in order of appearance
+    # vLLM's `mm_processor_kwargs` for videos: None = the checkpoint's (checked against the
+    # server's limits by the orchestrator, which knows them).
+    video_fps: float | None = None
+    video_max_frames: int | None = None
 
 
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
@@ -124,7 +137,9 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     n = body.get("n", 1)
     if n is not None and (not _is_int(n) or n != 1):
         raise ApiError(400, "only n=1 is supported", "n")
-    messages, images = _messages(body.get("messages"), limits)
+    videos: list[Video] = []
+    messages, images = _messages(body.get("messages"), limits, videos)
+    video_fps, video_max_frames = _mm_processor_kwargs(body.get("mm_processor_kwargs"))
     stream = _bool(body, "stream")
     logprobs = _bool(body, "logprobs")
     top = body.get("top_logprobs")
@@ -168,10 +183,34 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,
+        videos=videos,
+        video_fps=video_fps,
+        video_max_frames=video_max_frames,
     )
 
 
-def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Image]]:
+def _mm_processor_kwargs(v: Any) -> tuple[float | None, int | None]:
+    """vLLM's per-request processor settings: `fps` and `max_frames` (videos)."""
+    if v is None:
+        return None, None
+    if not isinstance(v, dict):
+        raise ApiError(400, "mm_processor_kwargs must be an object", "mm_processor_kwargs")
+    unknown = sorted(set(v) - {"fps", "max_frames"})
+    if unknown:
+        raise ApiError(400, f"mm_processor_kwargs: {', '.join(unknown)} not supported (fps and "
+                       "max_frames are)", "mm_processor_kwargs")  # fmt: skip
+    fps, max_frames = v.get("fps"), v.get("max_frames")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float)):
+        raise ApiError(400, "mm_processor_kwargs.fps must be a number", "mm_processor_kwargs")
+    if max_frames is not None and not _is_int(max_frames):
+        raise ApiError(400, "mm_processor_kwargs.max_frames must be an integer",
+                       "mm_processor_kwargs")  # fmt: skip
+    return (None if fps is None else float(fps)), max_frames
+
+
+def _messages(
+    raw: Any, limits: Limits, videos: list[Video]
+) -> tuple[list[dict[str, Any]], list[Image]]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     out: list[dict[str, Any]] = []
@@ -196,7 +235,7 @@ def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Imag
         if isinstance(content, str):
             out.append({"role": role, "content": content})
         elif isinstance(content, list):
-            out.append({"role": role, "content": _parts(content, where, images, limits)})
+            out.append({"role": role, "content": _parts(content, where, images, limits, videos)})
         elif content is None and role == "assistant":
             out.append({"role": role, "content": ""})
         else:
@@ -204,7 +243,9 @@ def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Imag
     return out, images
 
 
-def _parts(parts: list[Any], where: str, images: list[Image], limits: Limits) -> list[dict]:
+def _parts(
+    parts: list[Any], where: str, images: list[Image], limits: Limits, videos: list[Video]
+) -> list[dict]:
     out: list[dict[str, Any]] = []
     for j, part in enumerate(parts):
         at = f"{where}.content[{j}]"
@@ -213,6 +254,16 @@ def _parts(parts: list[Any], where: str, images: list[Image], limits: Limits) ->
             if not isinstance(part.get("text"), str):
                 raise ApiError(400, f"{at}: text must be a string", at)
             out.append({"type": "text", "text": part["text"]})
+            continue
+        if kind in ("video_url", "video_bytes"):
+            if len(videos) >= limits.videos.max_videos_per_request:
+                most = limits.videos.max_videos_per_request
+                raise ApiError(400, f"too many videos: at most {most} per request", at)
+            try:
+                videos.append(_video(part, at, limits))
+            except MediaError as e:
+                raise ApiError(413 if e.too_large else 400, f"{at}: {e}", at) from None
+            out.append({"type": "video"})
             continue
         if kind not in ("image_url", "image_bytes"):
             raise ApiError(400, f"{at}: unsupported content part type {_show(kind)}", at)
@@ -241,6 +292,18 @@ def _image(part: dict[str, Any], at: str, limits: Limits) -> Image:
     if isinstance(ref, dict) and ref.get("detail") not in (None, "auto", "low", "high"):
         raise ApiError(400, f"{at}: image_url.detail must be auto, low or high", at)
     return load_image_url(url, limits.allowed_media_dir, limits.images)
+
+
+def _video(part: dict[str, Any], at: str, limits: Limits) -> Video:
+    if part["type"] == "video_bytes":  # gRPC only: raw bytes
+        if not isinstance(part.get("data"), bytes):
+            raise ApiError(400, f"{at}: data must be bytes", at)
+        return read_video(part["data"], limits.videos)
+    ref = part.get("video_url")
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise ApiError(400, f"{at}: video_url.url must be a string", at)
+    return load_video_url(url, limits.allowed_media_dir, limits.videos)
 
 
 def _same(a: Any, b: Any) -> bool:

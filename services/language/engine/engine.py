@@ -59,6 +59,30 @@ class ImageInput:
         grid = (int(grid_thw[0]), int(grid_thw[1]), int(grid_thw[2]))
         return cls(tensor, grid, image_identity(tensor, grid))
 
+    @classmethod
+    def video_patches(cls, tensor: torch.Tensor, grid_thw: Sequence[int]) -> list[ImageInput]:
+        """A video chunk's wire tensor `[t*h*w/m^2, (1 + D) * H]` as t items of grid (1, h, w),
+        one per temporal patch: each is its own run of video-pad tokens, M-RoPE span and
+        prefix-cache identity (row views, no copy)."""
+        t, h, w = (int(g) for g in grid_thw)
+        rows = tensor.shape[0] // t
+        return [cls.of(tensor[i * rows : (i + 1) * rows], (1, h, w)) for i in range(t)]
+
+
+def in_prompt_order(
+    images: Sequence[ImageInput],
+    image_spans: Sequence[tuple[int, int]],
+    videos: Sequence[Sequence[ImageInput]],
+    video_spans: Sequence[Sequence[tuple[int, int]]],
+) -> tuple[list[ImageInput], list[tuple[int, int]]]:
+    """Images and videos' temporal patches as one list ordered by where they sit in the prompt
+    (what `Engine.generate` takes), with their spans."""
+    items = list(zip(image_spans, images, strict=True))
+    for patches, spans in zip(videos, video_spans, strict=True):
+        items += zip(spans, patches, strict=True)
+    items.sort(key=lambda item: item[0][0])
+    return [i for _, i in items], [s for s, _ in items]
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:

@@ -1,11 +1,13 @@
 """Raw copy paths between two processes on this host: the ceilings our backends sit on.
 
 - `tcp`: a loopback TCP socket, the child `sendall`s from a buffer and the parent `recv_into`s a
-  preallocated one. No protocol at all: the most any gRPC stream over TCP can reach.
+  preallocated one. No protocol at all: the most any gRPC stream over TCP can reach. Across
+  network namespaces (`bench-transfer --netns`) the same copy runs over their veth link.
 - `cma`: `process_vm_readv` of the child's buffer into the parent's, the cross-memory-attach copy
   UCX uses for NIXL READs on one host without RDMA: the most NIXL can reach here.
 
-    python -m bench.transfer_ceiling tcp PORT SIZE_BYTES   (the child side; the parent starts it)
+    python -m bench.transfer_ceiling tcp PORT SIZE_BYTES [HOST]   (the child side; the parent
+                                                                   starts it)
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from subprocess import Popen
 
 import numpy as np
 
@@ -27,27 +31,38 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-def measure(kind: str, size_bytes: int, repeats: int) -> float:
-    """Median GB/s (1e9 bytes/s) of `repeats` timed copies of `size_bytes`, after two warm-ups."""
+def measure(
+    kind: str,
+    size_bytes: int,
+    repeats: int,
+    host: str = "127.0.0.1",
+    wrap: Callable[[list[str]], list[str]] | None = None,
+) -> float:
+    """Median GB/s (1e9 bytes/s) of `repeats` timed copies of `size_bytes`, after two warm-ups.
+
+    tcp only: this process listens on `host`, and `wrap` turns the sending child's command into
+    the one to run (another network namespace)."""
     if kind not in CEILINGS:
         raise ValueError(f"unknown ceiling {kind!r}; choose from {CEILINGS}")
     dst = np.zeros(size_bytes, dtype=np.uint8)  # zeroed: prefaulted
-    times = (_tcp if kind == "tcp" else _cma)(dst, repeats + 2)
+    times = _tcp(dst, repeats + 2, host, wrap) if kind == "tcp" else _cma(dst, repeats + 2)
     if not (dst == 1).all():  # the child's buffer is all ones
         raise RuntimeError(f"{kind} reference: the copied bytes are wrong")
     return size_bytes / statistics.median(times[2:]) / 1e9
 
 
-def _child(*args: str) -> subprocess.Popen[bytes]:
+def _child(*args: str, wrap: Callable[[list[str]], list[str]] | None = None) -> Popen[bytes]:
     cmd = [sys.executable, "-m", "bench.transfer_ceiling", *args]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return Popen(wrap(cmd) if wrap else cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
-def _tcp(dst: np.ndarray, rounds: int) -> list[float]:
+def _tcp(
+    dst: np.ndarray, rounds: int, host: str, wrap: Callable[[list[str]], list[str]] | None
+) -> list[float]:
     view, n = dst.data, dst.nbytes
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with socket.create_server((host, 0)) as listener:
         listener.settimeout(30)
-        child = _child("tcp", str(listener.getsockname()[1]), str(n))
+        child = _child("tcp", str(listener.getsockname()[1]), str(n), host, wrap=wrap)
         try:
             conn, _ = listener.accept()
             with conn:
@@ -91,7 +106,7 @@ def _cma(dst: np.ndarray, rounds: int) -> list[float]:
     return times
 
 
-def _stop(child: subprocess.Popen[bytes]) -> None:
+def _stop(child: Popen[bytes]) -> None:
     if child.stdin is not None:
         child.stdin.close()  # the child exits on EOF
     try:
@@ -103,17 +118,17 @@ def _stop(child: subprocess.Popen[bytes]) -> None:
         child.stdout.close()
 
 
-def _serve(kind: str, port: int, size: int) -> None:
+def _serve(kind: str, port: int, size: int, host: str = "127.0.0.1") -> None:
     src = np.ones(size, dtype=np.uint8)  # written: prefaulted
     if kind == "cma":
         sys.stdout.write(f"{src.ctypes.data}\n")
         sys.stdout.flush()
         sys.stdin.read()  # keep the buffer mapped until the parent is done
         return
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+    with socket.create_connection((host, port), timeout=30) as conn:
         while conn.recv(1):
             conn.sendall(src.data)
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

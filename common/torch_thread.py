@@ -72,13 +72,19 @@ def _nothing() -> None:
 
 
 def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """`--num-threads`, for the roles that run torch."""
+    """`--num-threads` and `--share-cores`, for the roles that run torch."""
     parser.add_argument(
         "--num-threads",
         type=int,
         default=None,
-        help="torch threads of this process (default: one per core it may use; `epd up` splits "
-        "the cores between its roles so that they never oversubscribe them)",
+        help="torch threads of this process (default: one per core it may use)",
+    )
+    parser.add_argument(
+        "--share-cores",
+        default=None,
+        metavar="PATH,SLOT,CORES",
+        help="share CORES cores with the other roles of this host through the ledger at PATH, "
+        "claiming the free ones at every forward (`epd up` sets it; see common/cores.py)",
     )
 
 

@@ -49,7 +49,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "bench.cpu_kernels",
         "CPU prototypes vs the engine's kernels: MoE experts, decode attention, threads",
     ),
-    "bench-encoder": ("bench.encoder", "encoder images/s with dynamic batching vs without"),
+    "bench-encoder": (
+        "bench.encoder",
+        "encoder images/s (or video frames/s and tokens/s) with dynamic batching vs without",
+    ),
     "bench-transfer": ("bench.transfer", "GB/s of each tensor transfer backend vs memcpy"),
     "bench-kernels": ("bench.kernels", "MoE layer time, Triton vs torch, vs HBM/bf16 peaks (GPU)"),
 }

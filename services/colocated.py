@@ -23,18 +23,47 @@ from common.contract import (
     FinishReason,
     PreprocessConfig,
     SamplingParams,
+    VideoPreprocessConfig,
+    VideoSampling,
     expand_image_pads,
+    expand_video_placeholders,
+    image_pad_runs,
     resolve_max_tokens,
 )
 from common.dtypes import torch_dtype
 from common.tokenizer import ChatTokenizer
 from common.torch_thread import call_on_torch_thread, run_on_torch_thread
 from services.encoder.preprocess import preprocess
+from services.encoder.video import ProcessedVideo, preprocess_video
 from services.encoder.weights import load_vision_tower
 from services.language.engine.builder import EngineConfig, build_engine
-from services.language.engine.engine import Engine, ImageInput, TokenEvent
+from services.language.engine.engine import Engine, ImageInput, TokenEvent, in_prompt_order
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    """An image or video file in a user turn (`Part`s are these or text)."""
+
+    kind: str  # "image" | "video"
+    data: bytes
+
+
+Part = str | Media
+
+
+@dataclass
+class Inputs:
+    """A request's prompt as the language service receives it: ids with every placeholder
+    expanded, the visual items in prompt order (a video as its temporal patches) and their
+    spans; `videos` keeps each video's preprocessing for callers that inspect it."""
+
+    ids: list[int]
+    items: list[ImageInput]
+    spans: list[tuple[int, int]]
+    videos: list[ProcessedVideo] = field(default_factory=list)
+    video_outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +94,7 @@ class ColocatedPipeline:
         self.vision = None
         if self.cfg.vision is not None:
             self.preprocess_cfg = PreprocessConfig.from_dir(model_dir)
+            self.video_cfg = VideoPreprocessConfig.from_dir(model_dir)
             self.vision = call_on_torch_thread(
                 load_vision_tower, model_dir, self.cfg, self.dtype, self.device
             )
@@ -102,6 +132,87 @@ class ColocatedPipeline:
             ids = expand_image_pads(ids, self.cfg.image_token_id, counts)
         return ids
 
+    def encode_videos(
+        self, videos: Sequence[bytes], sampling: VideoSampling | None = None
+    ) -> tuple[list[torch.Tensor], list[ProcessedVideo]]:
+        """Wire tensors `[n_tokens, (1+D)*H]` of whole videos (one forward), and their
+        preprocessing (grid, timestamps, pixel values)."""
+        return call_on_torch_thread(self._encode_videos, list(videos), sampling, None)
+
+    def _encode_videos(
+        self,
+        videos: list[bytes],
+        sampling: VideoSampling | None,
+        timings: dict[str, float] | None,
+    ) -> tuple[list[torch.Tensor], list[ProcessedVideo]]:
+        if self.vision is None:
+            raise ValueError(f"{self.cfg.model_type} checkpoint takes no videos")
+        t0 = time.perf_counter()
+        sampling = sampling or self.video_cfg.sampling()
+        processed = [preprocess_video(v, sampling, self.video_cfg) for v in videos]
+        pixels = torch.cat([p.pixel_values for p in processed]).to(self.device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.vision(pixels, [p.grid_thw for p in processed])
+        if timings is not None:
+            timings["preprocess"] = timings.get("preprocess", 0.0) + t1 - t0
+            timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t1
+        return out, processed
+
+    def parts_inputs(
+        self, parts: Sequence[Part], sampling: VideoSampling | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Inputs:  # fmt: skip
+        """One user turn of text, images and videos in the given order (on any thread)."""
+        return call_on_torch_thread(self._parts_inputs, list(parts), sampling, timings)
+
+    def _parts_inputs(
+        self, parts: list[Part], sampling: VideoSampling | None, timings: dict[str, float] | None
+    ) -> Inputs:
+        timings = {} if timings is None else timings
+        timings.setdefault("preprocess", 0.0)
+        timings.setdefault("encode", 0.0)
+        images = [p.data for p in parts if isinstance(p, Media) and p.kind == "image"]
+        videos = [p.data for p in parts if isinstance(p, Media) and p.kind == "video"]
+        image_out, grids = self._encode(images, timings) if images else ([], [])
+        video_out, processed = (
+            self._encode_videos(videos, sampling, timings) if videos else ([], [])
+        )
+        content = [_content(p) for p in parts]
+        text = self.tokenizer.render([{"role": "user", "content": content}])
+        text = expand_video_placeholders(text, [p.chunk.timestamps for p in processed])
+        ids = self.tokenizer.encode(text)
+        patch_counts = [[t.shape[0] // p.grid_thw[0]] * p.grid_thw[0]
+                        for t, p in zip(video_out, processed, strict=True)]  # fmt: skip
+        flat = [n for counts in patch_counts for n in counts]
+        if images or videos:
+            assert self.cfg.image_token_id is not None
+            ids = expand_image_pads(ids, self.cfg.image_token_id, [t.shape[0] for t in image_out],
+                                    self.cfg.video_token_id, flat)  # fmt: skip
+        image_spans = image_pad_runs(ids, self.cfg.image_token_id, [t.shape[0] for t in image_out])
+        runs = image_pad_runs(ids, self.cfg.video_token_id, flat, "video patch")
+        video_spans, at = [], 0
+        for counts in patch_counts:
+            video_spans.append(runs[at : at + len(counts)])
+            at += len(counts)
+        items, spans = in_prompt_order(
+            [ImageInput.of(t, g) for t, g in zip(image_out, grids, strict=True)],
+            image_spans,
+            [ImageInput.video_patches(t, p.grid_thw) for t, p in zip(video_out, processed,
+                                                                     strict=True)],
+            video_spans,
+        )  # fmt: skip
+        return Inputs(ids, items, spans, processed, video_out)
+
+    def generate_parts(
+        self, parts: Sequence[Part], params: SamplingParams, sampling: VideoSampling | None = None
+    ) -> GenerateResult:
+        """One user turn of text, images and videos in any order, start to end."""
+        timings: dict[str, float] = {}
+        inputs = self.parts_inputs(parts, sampling, timings)
+        return asyncio.run(self._alone(self.agenerate_from_ids(
+            inputs.ids, inputs.items, params, timings, inputs.spans)))  # fmt: skip
+
     def generate(
         self, images: Sequence[bytes], prompt: str, params: SamplingParams
     ) -> GenerateResult:
@@ -114,10 +225,12 @@ class ColocatedPipeline:
         images: Sequence[torch.Tensor],
         grids: Sequence[tuple[int, int, int]],
         params: SamplingParams,
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> GenerateResult:
-        """Decode from already expanded prompt ids and the images' wire tensors."""
+        """Decode from already expanded prompt ids and the visual items' wire tensors (prompt
+        order; `spans` their runs, needed when videos are among them)."""
         inputs = [ImageInput.of(t, g) for t, g in zip(images, grids, strict=True)]
-        return asyncio.run(self._alone(self.agenerate_from_ids(ids, inputs, params, {})))
+        return asyncio.run(self._alone(self.agenerate_from_ids(ids, inputs, params, {}, spans)))
 
     async def _alone(self, work: Coroutine[Any, Any, T]) -> T:
         """`work` with the engine running in this event loop."""
@@ -149,14 +262,20 @@ class ColocatedPipeline:
         return ids, [ImageInput.of(t, g) for t, g in zip(tensors, grids, strict=True)]
 
     async def stream(
-        self, ids: list[int], images: Sequence[ImageInput], params: SamplingParams
+        self,
+        ids: list[int],
+        images: Sequence[ImageInput],
+        params: SamplingParams,
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        """The engine's events for one request. Raises ContractError (a ValueError) naming both
-        numbers when prompt + max_tokens does not fit max_model_len."""
+        """The engine's events for one request (`spans`: each visual item's run, needed when
+        videos are among them). Raises ContractError (a ValueError) naming both numbers when
+        prompt + max_tokens does not fit max_model_len."""
         budget = resolve_max_tokens(
             len(ids), params.max_tokens, self.engine.max_model_len, params.min_tokens
         )
-        async for event in self.engine.generate(ids, replace(params, max_tokens=budget), images):
+        bounded = replace(params, max_tokens=budget)
+        async for event in self.engine.generate(ids, bounded, images, spans=spans):
             yield event
 
     async def agenerate_from_ids(
@@ -165,10 +284,11 @@ class ColocatedPipeline:
         images: Sequence[ImageInput],
         params: SamplingParams,
         timings: dict[str, float],
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> GenerateResult:
         out: list[int] = []
         finish = FinishReason.LENGTH
-        async for event in self.stream(ids, images, params):
+        async for event in self.stream(ids, images, params, spans):
             if event.sample is not None:
                 out.append(event.sample.token)
             if event.finish_reason is not None:
@@ -183,3 +303,9 @@ class ColocatedPipeline:
             finish_reason=str(finish),
             timings=timings,
         )
+
+
+def _content(part: Part) -> dict[str, str]:
+    if isinstance(part, Media):
+        return {"type": part.kind}
+    return {"type": "text", "text": part}

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,11 +146,23 @@ def make_tiny_model(
     model.save_pretrained(out)
     if expert_layout == "hub":
         _to_hub_expert_layout(out)
+    _apply_umask(out.glob("*.safetensors"))
     _write_generation_config(out, ids)
     if arch != "qwen3_moe":
         _write_image_processor(out, p)
+        _write_video_processor(out, p)
     log.info("wrote %s checkpoint (%s preset, seed %d) to %s", arch, preset, seed, out)
     return out
+
+
+def _apply_umask(paths: Iterable[Path]) -> None:
+    """safetensors writes its files 0600 whatever the umask; give them the mode every other file
+    of the checkpoint gets, so a container running as another user (the image's uid 10001) can
+    read a checkpoint made here."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        path.chmod(0o666 & ~mask)
 
 
 def preset_text_config(preset: str) -> TextConfig:
@@ -316,6 +330,28 @@ def _write_image_processor(out: Path, p: Preset) -> None:
         size={"shortest_edge": p.min_pixels, "longest_edge": p.max_pixels},
     )
     proc.save_pretrained(out)
+
+
+def _write_video_processor(out: Path, p: Preset) -> None:
+    """`video_preprocessor_config.json` as the hub's Qwen3-VL checkpoints ship it (plain JSON:
+    the class needs torchvision to be imported). The pixel budget counts all sampled frames, so
+    it is the image budget times 4 here (the tiny one keeps test videos small)."""
+    cfg = {
+        "video_processor_type": "Qwen3VLVideoProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": p.min_pixels, "longest_edge": 4 * p.max_pixels},
+        "fps": 2,
+        "min_frames": 4,
+        "max_frames": 768,
+        "do_sample_frames": True,
+        "cap_pixels_per_frame": False,
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

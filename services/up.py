@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,10 +30,12 @@ from pathlib import Path
 
 import grpc
 
+from common.cores import create_ledger
 from common.grpc_bootstrap import health_check
 
 log = logging.getLogger("epd.up")
 
+THREAD_POLICIES = ("share", "split", "none")
 BACKOFF_S = (1.0, 30.0)  # first and longest wait before restarting a child that exited
 STABLE_S = 60.0  # a child that ran this long starts over at the first backoff
 
@@ -50,9 +53,14 @@ class StackConfig:
     extra_encoder_args: tuple[str, ...] = ()
     extra_language_args: tuple[str, ...] = ()
     extra_gateway_args: tuple[str, ...] = ()
-    # Give each torch role its own share of the cores (`thread_budget`); False = torch's default
-    # everywhere (every role one thread per core: the roles oversubscribe the cores when busy).
-    split_threads: bool = True
+    # How the torch roles use the cores (THREAD_POLICIES): "share" = each forward claims the
+    # cores no other role holds (common.cores), "split" = a fixed share each (`thread_budget`),
+    # "none" = torch's default everywhere (one thread per core each: busy roles oversubscribe).
+    threads: str = "share"
+
+    def __post_init__(self) -> None:
+        if self.threads not in THREAD_POLICIES:
+            raise ValueError(f"threads must be one of {THREAD_POLICIES}, got {self.threads!r}")
 
 
 @dataclass
@@ -101,6 +109,7 @@ class Stack:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _supervisor: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ledger: Path | None = None  # the roles' core ledger (threads "share")
 
     @property
     def base_url(self) -> str:
@@ -117,7 +126,12 @@ class Stack:
         log_dir = Path(self.cfg.log_dir or tempfile.mkdtemp(prefix="epd-up-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         common = ["--model", self.cfg.model, "--host", "127.0.0.1"]
-        enc_threads, lang_threads = thread_budget(available_cores(), self.cfg.encoders)
+        cores = available_cores()
+        enc_threads, lang_threads = thread_budget(cores, self.cfg.encoders)
+        if self.cfg.threads == "share":
+            # Not "epd-*": encoders sweep unlocked /dev/shm/epd-* files as stale segments.
+            self._ledger = Path(f"/dev/shm/epd_cores-{os.getpid()}-{secrets.token_hex(4)}")
+            create_ledger(self._ledger, self.cfg.encoders + 1)
         enc_addrs = []
         for i in range(self.cfg.encoders):
             port = free_port()
@@ -125,14 +139,14 @@ class Stack:
             self._add(f"encoder-{i}", "encoder", log_dir, port, [
                 *common, "--port", str(port), "--transport", self.cfg.transport,
                 "--dtype", self.cfg.dtype,
-                *self._threads(enc_threads, self.cfg.extra_encoder_args),
+                *self._threads(enc_threads, i, cores, self.cfg.extra_encoder_args),
                 *self.cfg.extra_encoder_args,
             ])  # fmt: skip
         lang_port = free_port()
         self._add("language", "language", log_dir, lang_port, [
             *common, "--port", str(lang_port), "--dtype", self.cfg.dtype,
             "--kv-cache-bytes", str(self.cfg.kv_cache_bytes),
-            *self._threads(lang_threads, self.cfg.extra_language_args),
+            *self._threads(lang_threads, self.cfg.encoders, cores, self.cfg.extra_language_args),
             *self.cfg.extra_language_args,
         ])  # fmt: skip
         self._wait_grpc(timeout)
@@ -167,12 +181,16 @@ class Stack:
                 log.warning("%s did not stop within %.0f s; killing it", c.name, grace)
                 proc.kill()
                 proc.wait()
+        if self._ledger is not None:
+            self._ledger.unlink(missing_ok=True)
 
-    def _threads(self, n: int, extra: tuple[str, ...]) -> list[str]:
-        """`--num-threads n`, unless the split is off or the caller chose for this role."""
-        if not self.cfg.split_threads or "--num-threads" in extra:
+    def _threads(self, n: int, slot: int, cores: int, extra: tuple[str, ...]) -> list[str]:
+        """A role's thread flags under the stack's policy, unless the caller chose for it."""
+        if "--num-threads" in extra or "--share-cores" in extra or self.cfg.threads == "none":
             return []
-        return ["--num-threads", str(n)]
+        if self.cfg.threads == "split":
+            return ["--num-threads", str(n)]
+        return ["--share-cores", f"{self._ledger},{slot},{cores}"]
 
     def _add(self, name: str, role: str, log_dir: Path, port: int, argv: list[str]) -> None:
         child = Child(name, role, argv, log_dir / f"{name}.log", f"127.0.0.1:{port}")
@@ -290,11 +308,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the gateway's --reasoning-parser: <think>...</think> as reasoning_content",
     )
     parser.add_argument(
-        "--split-threads",
-        action=argparse.BooleanOptionalAction,
-        default=StackConfig.split_threads,
-        help="give the language service half the cores and the encoders the other half "
-        "(--num-threads of each role), so that busy roles never oversubscribe the cores",
+        "--threads",
+        choices=THREAD_POLICIES,
+        default=StackConfig.threads,
+        help="how the roles use the cores: share = every forward takes the cores no other role "
+        "is using (a role alone gets all of them, busy roles never oversubscribe them); split = "
+        "half to the language service, half to the encoders, fixed; none = torch's default",
     )
 
 
@@ -308,7 +327,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         kv_cache_bytes=args.kv_cache_bytes,
         log_dir=args.log_dir,
         api_key=args.api_key,
-        split_threads=args.split_threads,
+        threads=args.threads,
         extra_gateway_args=("--reasoning-parser", args.reasoning_parser)
         if args.reasoning_parser
         else (),

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,15 @@ def png():
     return png_bytes
 
 
+@pytest.fixture(scope="session")
+def video():
+    """`video(width, height, frames, fps=10, seed=0, codec="libx264", container="mp4",
+    options=None) -> bytes`: a synthetic video file (`bench.media.synthetic_video`)."""
+    from bench.media import synthetic_video
+
+    return synthetic_video
+
+
 def png_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
     """A deterministic noise image encoded as PNG."""
     rng = np.random.default_rng(seed)
@@ -101,6 +112,7 @@ class HFOracle:
     """
 
     def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32) -> None:
+        self.model_dir = model_dir
         self.model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
         self.model = (
             ORACLE_CLASSES[self.model_type]
@@ -135,6 +147,48 @@ class HFOracle:
         if self.vl:
             out["mm_token_type_ids"] = (ids == self.model.config.image_token_id).int()
         return out
+
+    def parts_inputs(
+        self, parts: list[Any], fps: float | None = None, max_frames: int | None = None
+    ) -> dict[str, Any]:
+        """One user turn of text (str) and media (`colocated.Media`) in order, through
+        transformers' own `Qwen3VLProcessor`: videos decoded by transformers' PyAV loader
+        (`load_video(backend="pyav")`) and sampled by its `Qwen3VLVideoProcessor`."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+        from transformers.video_utils import load_video
+
+        vp = Qwen3VLVideoProcessor.from_pretrained(self.model_dir)
+        if max_frames is not None:
+            vp.max_frames = max_frames
+        processor = tf.Qwen3VLProcessor(
+            image_processor=self.processor, tokenizer=self.tokenizer, video_processor=vp,
+            chat_template=self.tokenizer.chat_template,
+        )  # fmt: skip
+        content: list[dict] = []
+        images, videos, metadata = [], [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, part in enumerate(parts):
+                if isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                elif part.kind == "image":
+                    content.append({"type": "image"})
+                    images.append(Image.open(io.BytesIO(part.data)))
+                else:
+                    content.append({"type": "video"})
+                    path = Path(tmp) / f"video{i}"
+                    path.write_bytes(part.data)
+                    sample = functools.partial(vp.sample_frames, fps=fps)
+                    frames, meta = load_video(str(path), backend="pyav", sample_indices_fn=sample)
+                    videos.append(frames)
+                    metadata.append(meta)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+            out = processor(
+                text=[text], images=images or None, videos=videos or None,
+                video_metadata=metadata or None, do_sample_frames=False, return_tensors="pt",
+            )  # fmt: skip
+        return dict(out)
 
     @torch.inference_mode()
     def logits(self, inputs: dict[str, Any]) -> torch.Tensor:

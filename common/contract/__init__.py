@@ -9,6 +9,8 @@ meet here and in `proto/`.
   choice, grammar), and its digest (the compiled-grammar cache key)
 - `images`: `PreprocessConfig`, `smart_resize`, image token counts, placeholder expansion,
   `ImageRef`, `ImageLimits`
+- `videos`: `VideoPreprocessConfig`, frame sampling, the resize budget across frames, grids,
+  timestamps and placeholders (`plan_video`), `VideoRef`, `VideoLimits`
 - `replica`: `ReplicaInfo`, `resolve_max_tokens` (the context budget of one request)
 - `prompt`: `check_prompt`, the one check of a prompt against a replica's limits
 - `faults`: the cause of a failed call, carried in gRPC trailing metadata
@@ -26,10 +28,20 @@ from common.contract.images import (
     image_token_count,
     smart_resize,
 )
-from common.contract.prompt import PromptLimits, check_prompt
+from common.contract.prompt import PromptLimits, PromptSpans, check_prompt
 from common.contract.replica import ReplicaInfo, resolve_max_tokens
 from common.contract.sampling import ContractError, FinishReason, SamplingParams, check_token_ids
 from common.contract.structured import ConstraintKind, StructuredOutput
+from common.contract.videos import (
+    VideoInfo,
+    VideoLimits,
+    VideoPlan,
+    VideoPreprocessConfig,
+    VideoRef,
+    VideoSampling,
+    expand_video_placeholders,
+    plan_video,
+)
 
 __all__ = [
     "Cause",
@@ -41,16 +53,25 @@ __all__ = [
     "ImageRef",
     "PreprocessConfig",
     "PromptLimits",
+    "PromptSpans",
     "ReplicaInfo",
     "SamplingParams",
     "StructuredOutput",
+    "VideoInfo",
+    "VideoLimits",
+    "VideoPlan",
+    "VideoPreprocessConfig",
+    "VideoRef",
+    "VideoSampling",
     "check_prompt",
     "check_token_ids",
     "expand_image_pads",
+    "expand_video_placeholders",
     "fault_of",
     "image_grid",
     "image_pad_runs",
     "image_token_count",
+    "plan_video",
     "resolve_max_tokens",
     "smart_resize",
 ]

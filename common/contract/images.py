@@ -123,36 +123,59 @@ def image_token_count(grid: Sequence[int], merge_size: int) -> int:
     return t * h * w // (merge_size * merge_size)
 
 
-def expand_image_pads(ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> list[int]:
-    """Replace the i-th single image-pad token of a rendered prompt by `counts[i]` copies."""
+def expand_image_pads(
+    ids: Sequence[int],
+    image_token_id: int,
+    counts: Sequence[int],
+    video_token_id: int | None = None,
+    video_counts: Sequence[int] = (),
+) -> list[int]:
+    """Replace the i-th single image-pad token of a rendered prompt by `counts[i]` copies, and
+    the j-th single video-pad token (one per temporal patch of every video, in order: see
+    `common.contract.videos`) by `video_counts[j]` copies."""
     out: list[int] = []
-    image = 0
+    image = video = 0
     for tok in ids:
-        if tok != image_token_id:
+        if tok == image_token_id:
+            if image >= len(counts):
+                raise ContractError(
+                    f"prompt has more image placeholders than the {len(counts)} image(s)",
+                    "messages",
+                )
+            out.extend([image_token_id] * counts[image])
+            image += 1
+        elif tok == video_token_id and video_token_id is not None:
+            if video >= len(video_counts):
+                raise ContractError("prompt has more video placeholders than the videos fill",
+                                    "messages")  # fmt: skip
+            out.extend([video_token_id] * video_counts[video])
+            video += 1
+        else:
             out.append(tok)
-            continue
-        if image >= len(counts):
-            raise ContractError(
-                f"prompt has more image placeholders than the {len(counts)} image(s)", "messages"
-            )
-        out.extend([image_token_id] * counts[image])
-        image += 1
     if image != len(counts):
         raise ContractError(
             f"prompt has {image} image placeholder(s) but {len(counts)} image(s)", "messages"
+        )
+    if video != len(video_counts):
+        raise ContractError(
+            f"prompt has {video} video-patch placeholder(s) but the videos have "
+            f"{len(video_counts)} temporal patches",
+            "messages",
         )
     return out
 
 
 def image_pad_runs(
-    ids: Sequence[int], image_token_id: int | None, counts: Sequence[int]
+    ids: Sequence[int], image_token_id: int | None, counts: Sequence[int], what: str = "image"
 ) -> list[tuple[int, int]]:
     """(start, length) of each image's run of image-pad tokens in an expanded prompt, in image
     order; raises ContractError unless the runs are exactly `counts` (adjacent images' runs may
-    touch: they are split by count, in order)."""
+    touch: they are split by count, in order). `what="video patch"`: the same for the runs of
+    video-pad tokens, one per temporal patch."""
+    field_ = "videos" if what != "image" else "images"
     if image_token_id is None:
         if counts:
-            raise ContractError("images: this model takes no images", "images")
+            raise ContractError(f"{field_}: this model takes no {field_}", field_)
         return []
     runs: list[tuple[int, int]] = []
     pos = 0
@@ -161,14 +184,16 @@ def image_pad_runs(
             pos += 1
         if n <= 0 or pos + n > len(ids) or any(t != image_token_id for t in ids[pos : pos + n]):
             raise ContractError(
-                f"images: image {i} takes {n} tokens but the prompt has no run of {n} "
-                "image-pad tokens for it",
-                "images",
+                f"{field_}: {what} {i} takes {n} tokens but the prompt has no run of {n} "
+                f"{what.split()[0]}-pad tokens for it",
+                field_,
             )
         runs.append((pos, n))
         pos += n
     if image_token_id in ids[pos:]:
-        raise ContractError("images: the prompt has more image-pad tokens than the images fill")
+        raise ContractError(
+            f"{field_}: the prompt has more {what.split()[0]}-pad tokens than the {field_} fill"
+        )
     return runs
 
 

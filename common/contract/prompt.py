@@ -21,6 +21,16 @@ class PromptLimits:
     max_model_len: int
     image_token_id: int | None  # None: the model takes no images
     merge_size: int = 2
+    video_token_id: int | None = None  # None: the model takes no videos
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSpans:
+    """Where the visual tokens of a checked prompt sit: (start, length) of each image's run, and
+    per video chunk the runs of its temporal patches."""
+
+    images: list[tuple[int, int]]
+    videos: list[list[tuple[int, int]]]
 
 
 def check_prompt(
@@ -28,15 +38,23 @@ def check_prompt(
     image_counts: Sequence[int],
     params: SamplingParams,
     limits: PromptLimits,
-) -> list[tuple[int, int]]:
+    video_patch_counts: Sequence[Sequence[int]] = (),
+) -> PromptSpans:
     """Raises ContractError unless the prompt is non-empty, its ids and the stop ids are in the
-    vocabulary, the i-th image's pad run has `image_counts[i]` tokens, and prompt + max_tokens
-    fits max_model_len. Returns each image's (start, length) in the prompt."""
+    vocabulary, the i-th image's pad run has `image_counts[i]` tokens, the runs of video-pad
+    tokens are the videos' temporal patches (`video_patch_counts[j]`: the token count of each
+    patch of video chunk j), and prompt + max_tokens fits max_model_len."""
     if not prompt_ids:
         raise ContractError("prompt_token_ids: the prompt is empty", "messages")
     if min(prompt_ids) < 0 or max(prompt_ids) >= limits.vocab_size:
         check_token_ids(prompt_ids, limits.vocab_size, "prompt_token_ids")
     params.check_vocab(limits.vocab_size)
     spans = image_pad_runs(prompt_ids, limits.image_token_id, image_counts)
+    flat = [n for video in video_patch_counts for n in video]
+    runs = image_pad_runs(prompt_ids, limits.video_token_id, flat, "video patch")
+    videos, at = [], 0
+    for video in video_patch_counts:
+        videos.append(runs[at : at + len(video)])
+        at += len(video)
     resolve_max_tokens(len(prompt_ids), params.max_tokens, limits.max_model_len, params.min_tokens)
-    return spans
+    return PromptSpans(spans, videos)

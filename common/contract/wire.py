@@ -12,6 +12,7 @@ from common.contract.images import ImageRef
 from common.contract.replica import ReplicaInfo
 from common.contract.sampling import ContractError, FinishReason, SamplingParams
 from common.contract.structured import ConstraintKind, StructuredOutput
+from common.contract.videos import VideoRef
 from common.rpc import encoder_pb2, language_pb2
 
 _FINISH_TO_PROTO = {
@@ -135,14 +136,45 @@ def image_ref_from_encoded(m: encoder_pb2.EncodedImage) -> ImageRef:
     return ImageRef(m.handle, (g.t, g.h, g.w), m.n_tokens, m.image_hash)
 
 
+def video_ref_to_proto(r: VideoRef) -> language_pb2.VideoRef:
+    t, h, w = r.grid
+    return language_pb2.VideoRef(
+        handle=r.handle, grid_thw=language_pb2.GridTHW(t=t, h=h, w=w), video_hash=r.content_hash,
+        first_patch=r.first_patch,
+    )  # fmt: skip
+
+
+def video_ref_from_proto(m: language_pb2.VideoRef, merge_size: int, index: int = 0) -> VideoRef:
+    g = m.grid_thw
+    if min(g.t, g.h, g.w) <= 0 or g.h % merge_size or g.w % merge_size:
+        raise ContractError(
+            f"videos: video {index} has grid ({g.t}, {g.h}, {g.w}); t, h and w must be positive "
+            f"and h, w multiples of {merge_size}",
+            "videos",
+        )
+    n = g.t * g.h * g.w // (merge_size * merge_size)
+    return VideoRef(m.handle, (g.t, g.h, g.w), n, m.video_hash, m.first_patch)
+
+
+def video_ref_from_encoded(m: encoder_pb2.EncodedVideo) -> VideoRef:
+    g = m.grid_thw
+    return VideoRef(m.handle, (g.t, g.h, g.w), m.n_tokens, m.video_hash, m.first_patch,
+                    tuple(m.timestamps))  # fmt: skip
+
+
 def generate_request(
-    request_id: str, prompt_ids: Sequence[int], images: Sequence[ImageRef], params: SamplingParams
+    request_id: str,
+    prompt_ids: Sequence[int],
+    images: Sequence[ImageRef],
+    params: SamplingParams,
+    videos: Sequence[VideoRef] = (),
 ) -> language_pb2.GenerateRequest:
     return language_pb2.GenerateRequest(
         request_id=request_id,
         prompt_token_ids=list(prompt_ids),
         images=[image_ref_to_proto(r) for r in images],
         sampling=sampling_to_proto(params),
+        videos=[video_ref_to_proto(r) for r in videos],
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.rpc import tensor_pb2 as common_dot_rpc_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ommon/rpc/encoder.proto\x12\x0e\x65pd.encoder.v1\x1a\x17\x63ommon/rpc/tensor.proto\"Q\n\rEncodeRequest\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.epd.encoder.v1.ImageData\x12\x15\n\rconsumer_host\x18\x02 \x01(\t\"/\n\tImageData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\";\n\x0b\x45ncodeReply\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.epd.encoder.v1.EncodedImage\"\xd3\x01\n\x0c\x45ncodedImage\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12)\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x17.epd.encoder.v1.GridTHW\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x12\n\nimage_hash\x18\x04 \x01(\t\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x1a\n\x12preprocess_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x07 \x01(\x01\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\r\x12\t\n\x01h\x18\x02 \x01(\r\x12\t\n\x01w\x18\x03 \x01(\r2O\n\x07\x45ncoder\x12\x44\n\x06\x45ncode\x12\x1d.epd.encoder.v1.EncodeRequest\x1a\x1b.epd.encoder.v1.EncodeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ommon/rpc/encoder.proto\x12\x0e\x65pd.encoder.v1\x1a\x17\x63ommon/rpc/tensor.proto\"|\n\rEncodeRequest\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.epd.encoder.v1.ImageData\x12\x15\n\rconsumer_host\x18\x02 \x01(\t\x12)\n\x06videos\x18\x03 \x03(\x0b\x32\x19.epd.encoder.v1.VideoData\"z\n\tVideoData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x02\x12\x12\n\nmax_frames\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_patch\x18\x05 \x01(\r\x12\x13\n\x0bnum_patches\x18\x06 \x01(\r\"/\n\tImageData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"i\n\x0b\x45ncodeReply\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.epd.encoder.v1.EncodedImage\x12,\n\x06videos\x18\x02 \x03(\x0b\x32\x1c.epd.encoder.v1.EncodedVideo\"\xab\x02\n\x0c\x45ncodedVideo\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12)\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x17.epd.encoder.v1.GridTHW\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x12\n\nvideo_hash\x18\x04 \x01(\t\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x12\n\ntimestamps\x18\x06 \x03(\x01\x12\x13\n\x0b\x66irst_patch\x18\x07 \x01(\r\x12\x15\n\rtotal_patches\x18\x08 \x01(\r\x12\x16\n\x0e\x66rames_decoded\x18\t \x01(\r\x12\x1a\n\x12preprocess_seconds\x18\n \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x0b \x01(\x01\"\xd3\x01\n\x0c\x45ncodedImage\x12+\n\x06handle\x18\x01 \x01(\x0b\x32\x1b.epd.tensor.v1.TensorHandle\x12)\n\x08grid_thw\x18\x02 \x01(\x0b\x32\x17.epd.encoder.v1.GridTHW\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x12\n\nimage_hash\x18\x04 \x01(\t\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x1a\n\x12preprocess_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x07 \x01(\x01\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\r\x12\t\n\x01h\x18\x02 \x01(\r\x12\t\n\x01w\x18\x03 \x01(\r2O\n\x07\x45ncoder\x12\x44\n\x06\x45ncode\x12\x1d.epd.encoder.v1.EncodeRequest\x1a\x1b.epd.encoder.v1.EncodeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.rpc.encoder_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODEREQUEST']._serialized_start=69
-  _globals['_ENCODEREQUEST']._serialized_end=150
-  _globals['_IMAGEDATA']._serialized_start=152
-  _globals['_IMAGEDATA']._serialized_end=199
-  _globals['_ENCODEREPLY']._serialized_start=201
-  _globals['_ENCODEREPLY']._serialized_end=260
-  _globals['_ENCODEDIMAGE']._serialized_start=263
-  _globals['_ENCODEDIMAGE']._serialized_end=474
-  _globals['_GRIDTHW']._serialized_start=476
-  _globals['_GRIDTHW']._serialized_end=518
-  _globals['_ENCODER']._serialized_start=520
-  _globals['_ENCODER']._serialized_end=599
+  _globals['_ENCODEREQUEST']._serialized_end=193
+  _globals['_VIDEODATA']._serialized_start=195
+  _globals['_VIDEODATA']._serialized_end=317
+  _globals['_IMAGEDATA']._serialized_start=319
+  _globals['_IMAGEDATA']._serialized_end=366
+  _globals['_ENCODEREPLY']._serialized_start=368
+  _globals['_ENCODEREPLY']._serialized_end=473
+  _globals['_ENCODEDVIDEO']._serialized_start=476
+  _globals['_ENCODEDVIDEO']._serialized_end=775
+  _globals['_ENCODEDIMAGE']._serialized_start=778
+  _globals['_ENCODEDIMAGE']._serialized_end=989
+  _globals['_GRIDTHW']._serialized_start=991
+  _globals['_GRIDTHW']._serialized_end=1033
+  _globals['_ENCODER']._serialized_start=1035
+  _globals['_ENCODER']._serialized_end=1114
 # @@protoc_insertion_point(module_scope)

@@ -45,11 +45,13 @@ class EncoderServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
-        """Encodes every image of the request; the reply lists them in request order. All or nothing:
-        if any image fails, the call fails and no handle is handed out. Errors:
-        INVALID_ARGUMENT   no images, too many images, or an image that is empty, over the byte or
-        pixel limit, or cannot be decoded; the message names the image index
-        and the reason, e.g. "image 2: cannot decode image: ..."
+        """Encodes every image and video of the request; the reply lists them in request order. All or
+        nothing: if any item fails, the call fails and no handle is handed out. Errors:
+        INVALID_ARGUMENT   no images or videos, too many, or an item that is empty, over a limit
+        (bytes, pixels; a video's seconds or frames), or cannot be decoded; the
+        message names the item and the reason, e.g. "image 2: cannot decode
+        image: ..." or "video 0: the file has no video stream (audio streams
+        only)"
         RESOURCE_EXHAUSTED the encoder's queue or its transfer pool is full (retry later or
         elsewhere); a request larger than the server's message limit also gets
         this code from gRPC itself

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ommon/rpc/gateway.proto\x12\x0e\x65pd.gateway.v1\"\xde\x04\n\x0b\x43hatRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.epd.gateway.v1.Message\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x19\n\x0ctop_logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x12\t\n\x01n\x18\x0f \x01(\r\x12.\n\nconstraint\x18\x10 \x01(\x0b\x32\x1a.epd.gateway.v1.Constraint\x12\x12\n\ntools_json\x18\x11 \x01(\t\x12\x13\n\x0btool_choice\x18\x12 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x13 \x01(\x08H\x05\x88\x01\x01\x12!\n\x19\x63hat_template_kwargs_json\x18\x14 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0f\n\r_top_logprobsB\x16\n\x14_parallel_tool_calls\"\x91\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.epd.gateway.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x82\x01\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12%\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x14.epd.gateway.v1.Part\x12,\n\ntool_calls\x18\x03 \x03(\x0b\x32\x18.epd.gateway.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"D\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"d\n\x0c\x43hatResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.epd.gateway.v1.DeltaH\x00\x12$\n\x04\x64one\x18\x02 \x01(\x0b\x32\x14.epd.gateway.v1.DoneH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\r\n\x05index\x18\x04 \x01(\r\x12\x16\n\x0ereasoning_text\x18\x05 \x01(\t\x12\x31\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1d.epd.gateway.v1.ToolCallDelta\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xef\x01\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x41\n\x0ftimings_seconds\x18\x05 \x03(\x0b\x32(.epd.gateway.v1.Done.TimingsSecondsEntry\x12\r\n\x05index\x18\x06 \x01(\r\x1a\x35\n\x13TimingsSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32O\n\x04\x43hat\x12G\n\x08\x43omplete\x12\x1b.epd.gateway.v1.ChatRequest\x1a\x1c.epd.gateway.v1.ChatResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63ommon/rpc/gateway.proto\x12\x0e\x65pd.gateway.v1\"\xb8\x05\n\x0b\x43hatRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.epd.gateway.v1.Message\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x19\n\x0ctop_logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x12\x16\n\tvideo_fps\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10video_max_frames\x18\x10 \x01(\rH\x06\x88\x01\x01\x12\t\n\x01n\x18\x11 \x01(\r\x12.\n\nconstraint\x18\x12 \x01(\x0b\x32\x1a.epd.gateway.v1.Constraint\x12\x12\n\ntools_json\x18\x13 \x01(\t\x12\x13\n\x0btool_choice\x18\x14 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x15 \x01(\x08H\x07\x88\x01\x01\x12!\n\x19\x63hat_template_kwargs_json\x18\x16 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0f\n\r_top_logprobsB\x0c\n\n_video_fpsB\x13\n\x11_video_max_framesB\x16\n\x14_parallel_tool_calls\"\x91\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.epd.gateway.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x82\x01\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12%\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x14.epd.gateway.v1.Part\x12,\n\ntool_calls\x18\x03 \x03(\x0b\x32\x18.epd.gateway.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"j\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x12\x0f\n\x05video\x18\x04 \x01(\x0cH\x00\x12\x13\n\tvideo_url\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"d\n\x0c\x43hatResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.epd.gateway.v1.DeltaH\x00\x12$\n\x04\x64one\x18\x02 \x01(\x0b\x32\x14.epd.gateway.v1.DoneH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\r\n\x05index\x18\x04 \x01(\r\x12\x16\n\x0ereasoning_text\x18\x05 \x01(\t\x12\x31\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1d.epd.gateway.v1.ToolCallDelta\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xef\x01\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x41\n\x0ftimings_seconds\x18\x05 \x03(\x0b\x32(.epd.gateway.v1.Done.TimingsSecondsEntry\x12\r\n\x05index\x18\x06 \x01(\r\x1a\x35\n\x13TimingsSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32O\n\x04\x43hat\x12G\n\x08\x43omplete\x12\x1b.epd.gateway.v1.ChatRequest\x1a\x1c.epd.gateway.v1.ChatResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DONE_TIMINGSSECONDSENTRY']._loaded_options = None
   _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_options = b'8\001'
   _globals['_CHATREQUEST']._serialized_start=45
-  _globals['_CHATREQUEST']._serialized_end=651
-  _globals['_CONSTRAINT']._serialized_start=654
-  _globals['_CONSTRAINT']._serialized_end=799
-  _globals['_CHOICES']._serialized_start=801
-  _globals['_CHOICES']._serialized_end=826
-  _globals['_MESSAGE']._serialized_start=829
-  _globals['_MESSAGE']._serialized_end=959
-  _globals['_TOOLCALL']._serialized_start=961
-  _globals['_TOOLCALL']._serialized_end=1016
-  _globals['_PART']._serialized_start=1018
-  _globals['_PART']._serialized_end=1086
-  _globals['_CHATRESPONSE']._serialized_start=1088
-  _globals['_CHATRESPONSE']._serialized_end=1188
-  _globals['_DELTA']._serialized_start=1191
-  _globals['_DELTA']._serialized_end=1339
-  _globals['_TOOLCALLDELTA']._serialized_start=1341
-  _globals['_TOOLCALLDELTA']._serialized_end=1416
-  _globals['_DONE']._serialized_start=1419
-  _globals['_DONE']._serialized_end=1658
-  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_start=1605
-  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_end=1658
-  _globals['_CHAT']._serialized_start=1660
-  _globals['_CHAT']._serialized_end=1739
+  _globals['_CHATREQUEST']._serialized_end=741
+  _globals['_CONSTRAINT']._serialized_start=744
+  _globals['_CONSTRAINT']._serialized_end=889
+  _globals['_CHOICES']._serialized_start=891
+  _globals['_CHOICES']._serialized_end=916
+  _globals['_MESSAGE']._serialized_start=919
+  _globals['_MESSAGE']._serialized_end=1049
+  _globals['_TOOLCALL']._serialized_start=1051
+  _globals['_TOOLCALL']._serialized_end=1106
+  _globals['_PART']._serialized_start=1108
+  _globals['_PART']._serialized_end=1214
+  _globals['_CHATRESPONSE']._serialized_start=1216
+  _globals['_CHATRESPONSE']._serialized_end=1316
+  _globals['_DELTA']._serialized_start=1319
+  _globals['_DELTA']._serialized_end=1467
+  _globals['_TOOLCALLDELTA']._serialized_start=1469
+  _globals['_TOOLCALLDELTA']._serialized_end=1544
+  _globals['_DONE']._serialized_start=1547
+  _globals['_DONE']._serialized_end=1786
+  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_start=1733
+  _globals['_DONE_TIMINGSSECONDSENTRY']._serialized_end=1786
+  _globals['_CHAT']._serialized_start=1788
+  _globals['_CHAT']._serialized_end=1867
 # @@protoc_insertion_point(module_scope)

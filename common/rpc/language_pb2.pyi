@@ -22,16 +22,30 @@ FINISH_REASON_ABORT: FinishReason
 FINISH_REASON_ERROR: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "images", "sampling")
+    __slots__ = ("request_id", "prompt_token_ids", "images", "sampling", "videos")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageRef]
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    videos: _containers.RepeatedCompositeFieldContainer[VideoRef]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., videos: _Optional[_Iterable[_Union[VideoRef, _Mapping]]] = ...) -> None: ...
+
+class VideoRef(_message.Message):
+    __slots__ = ("handle", "grid_thw", "video_hash", "first_patch")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    GRID_THW_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_HASH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_PATCH_FIELD_NUMBER: _ClassVar[int]
+    handle: _tensor_pb2.TensorHandle
+    grid_thw: GridTHW
+    video_hash: str
+    first_patch: int
+    def __init__(self, handle: _Optional[_Union[_tensor_pb2.TensorHandle, _Mapping]] = ..., grid_thw: _Optional[_Union[GridTHW, _Mapping]] = ..., video_hash: _Optional[str] = ..., first_patch: _Optional[int] = ...) -> None: ...
 
 class ImageRef(_message.Message):
     __slots__ = ("handle", "grid_thw", "image_hash")

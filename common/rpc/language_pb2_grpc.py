@@ -61,13 +61,15 @@ class LanguageServicer:
 
     def Generate(self, request, context):
         """Generates tokens for one request. The stream carries `tokens` messages and one `finished`
-        message per sequence (n of them, each with its sequence's index), and ends after the last. Every error this service raises carries the trailing
+        message per sequence (n of them, each with its sequence's index), and ends after the last.
+        Every error this service raises carries the trailing
         metadata key `epd-cause` (see `common/contract/faults.py`), so callers blame the right role:
-        cause "request"  INVALID_ARGUMENT: bad prompt ids, sampling values, images that disagree
-        with the prompt, a prompt + max_tokens beyond max_model_len, or a
-        structured-output constraint that does not compile (checked before any
+        cause "request"  INVALID_ARGUMENT: bad prompt ids, sampling values, images or videos that
+        disagree with the prompt, a prompt + max_tokens beyond max_model_len, or
+        a structured-output constraint that does not compile (checked before any
         image is pulled)
-        cause "image"    an image could not be pulled; the code is the transfer error's own
+        cause "image"    an image (or video: `epd-image-index` counts the images, then the videos)
+        could not be pulled; the code is the transfer error's own
         (UNAVAILABLE: its encoder is gone; NOT_FOUND: unknown or released handle;
         FAILED_PRECONDITION: lease expired; DEADLINE_EXCEEDED: pull too slow),
         with `epd-image-index`, `epd-producer` and `epd-transfer-reason`. The
@@ -83,7 +85,7 @@ class LanguageServicer:
 
     def Abort(self, request, context):
         """Aborts a running request by id (as Generate's cancellation does): all its sequences, or only
-        only sequence i when the id is "<request_id>#<i>". Unknown ids are ignored.
+        sequence i when the id is "<request_id>#<i>". Unknown ids are ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

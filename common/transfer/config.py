@@ -20,7 +20,8 @@ class TransferConfig:
     """
 
     # Producer: "shm" (same host), "nixl" (UCX READ, any host), "grpc" (TensorStore stream), or
-    # "auto" (shm for a consumer on this host, else nixl when importable, else grpc).
+    # "auto" (shm for a consumer on this host; nixl for another host when both ends have RDMA or,
+    # with nixl_progress_thread, for small tensors; else grpc: producer.enabled_backends).
     backend: str = "auto"
     # Producer pool capacity in bytes: preallocated and registered once, never grown.
     pool_bytes: int = 1 << 30
@@ -42,6 +43,12 @@ class TransferConfig:
     # sided READs over CMA or RDMA need no producer progress; the reaper progresses the agent
     # every `reap_interval_s` for connection set-up. Enable for TCP-only fabrics.
     nixl_progress_thread: bool = False
+    # UCX transports and devices NIXL may use in this process (UCX_TLS / UCX_NET_DEVICES, e.g.
+    # "rc,sm,self" or "tcp"; "mlx5_0:1"). None leaves UCX's default (all) or the environment's.
+    # UCX reads them from the environment whenever a NIXL agent is made: set here, they apply to
+    # every agent this process makes afterwards.
+    ucx_tls: str | None = None
+    ucx_net_devices: str | None = None
     # Consumer, grpc backend: TLS to producers' TensorStore (None = plaintext).
     client_tls: ClientTLS | None = None
 
@@ -58,5 +65,8 @@ class TransferConfig:
             raise ValueError(f"shm_prefix must start with 'epd-', without '/': {self.shm_prefix!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name, value in (("ucx_tls", self.ucx_tls), ("ucx_net_devices", self.ucx_net_devices)):
+            if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+                raise ValueError(f"{name} must be a UCX comma list without spaces: {value!r}")
         if self.device != "cpu" and self.backend not in ("nixl", "auto"):
             raise ValueError("a CUDA pool can only be published through the nixl backend")

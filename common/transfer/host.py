@@ -1,4 +1,4 @@
-"""Identity of this host, as carried in shared-memory handles."""
+"""Identity of this host, as carried in shared-memory handles and Encode calls."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import functools
 import socket
 from pathlib import Path
 
+from common.transfer import fabric
+
 
 @functools.cache
 def host_id() -> str:
-    """'<hostname>/<kernel boot id>': differs across machines and across reboots of one machine.
+    """'<hostname>/<kernel boot id>[;rdma]': differs across machines and across reboots of one
+    machine; ';rdma' says the host has a usable RDMA device (`fabric.py`), which `auto` needs at
+    both ends before it publishes through NIXL to another host.
 
     Containers on one node share the boot id but usually not the hostname; pods that share
     /dev/shm should share the hostname too (hostNetwork or a common `hostname:`), else `auto`
@@ -17,4 +21,4 @@ def host_id() -> str:
     """
     boot = Path("/proc/sys/kernel/random/boot_id")
     boot_id = boot.read_text().strip() if boot.exists() else "unknown-boot"
-    return f"{socket.gethostname()}/{boot_id}"
+    return fabric.tag(f"{socket.gethostname()}/{boot_id}")

@@ -2,8 +2,9 @@
 
     python -m common.transfer.loopback --backend shm --pool-mib 64
 
-The child hosts a TensorStore gRPC server on 127.0.0.1 (port 0) and answers one JSON line per
-command on stdin: {"op": "publish", "dtype", "shape", "seed", "lease_s"?} -> {"handle": base64},
+The child hosts a TensorStore gRPC server on 127.0.0.1 (or `--host`; port 0) and answers one JSON
+line per command on stdin: {"op": "publish", "dtype", "shape", "seed", "lease_s"?, "peer_host"?}
+-> {"handle": base64},
 {"op": "stats"} -> {"bytes_in_use", "tensors"}, {"op": "release", "id"} -> {"released"}.
 `LoopbackProducer` is the parent's side. Tensors come from `make_tensor`, so the parent can
 rebuild the expected value from (dtype, shape, seed).
@@ -19,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,15 +46,16 @@ def make_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.
 
 async def _serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"{args.host}:0")
     config = TransferConfig(
         backend=args.backend,
         pool_bytes=args.pool_mib * MIB,
         lease_s=args.lease_s,
         checksum=args.checksum,
         shm_prefix=args.shm_prefix,
+        nixl_progress_thread=args.nixl_progress_thread,
     )
-    producer = Producer(config, store_address=f"127.0.0.1:{port}")
+    producer = Producer(config, store_address=f"{args.host}:{port}")
     producer.servicer().add_to_server(server)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -72,7 +75,9 @@ async def _serve(args: argparse.Namespace) -> None:
                     cache.clear()
                     cache[key] = make_tensor(getattr(torch, key[0]), key[1], key[2])
                 try:
-                    handle = producer.publish(cache[key], lease_s=cmd.get("lease_s"))
+                    handle = producer.publish(
+                        cache[key], lease_s=cmd.get("lease_s"), peer_host=cmd.get("peer_host")
+                    )
                 except Exception as e:
                     reply({"error": type(e).__name__, "message": str(e)})
                     continue
@@ -97,13 +102,23 @@ class LoopbackProducer:
         lease_s: float = 60.0,
         checksum: bool = False,
         shm_prefix: str = "epd-",
+        nixl_progress_thread: bool = False,
+        host: str = "127.0.0.1",
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
+        """`host`: the address TensorStore listens on and handles name; `wrap` turns the child's
+        command into the one to run (e.g. inside another network namespace)."""
         cmd = [sys.executable, "-m", "common.transfer.loopback", "--backend", backend]
-        cmd += ["--pool-mib", str(pool_mib), "--lease-s", str(lease_s)]
+        cmd += ["--pool-mib", str(pool_mib), "--lease-s", str(lease_s), "--host", host]
         cmd += ["--shm-prefix", shm_prefix] + (["--checksum"] if checksum else [])
+        cmd += ["--nixl-progress-thread"] if nixl_progress_thread else []
         env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n")
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            wrap(cmd) if wrap else cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         self.pid = self.proc.pid
         try:
@@ -118,12 +133,15 @@ class LoopbackProducer:
         shape: tuple[int, ...],
         seed: int = 0,
         lease_s: float | None = None,
+        peer_host: str | None = None,
     ) -> tensor_pb2.TensorHandle:
-        """The child's handle; raises RuntimeError("<ErrorClass>: message") if publish failed."""
+        """The child's handle; raises RuntimeError("<ErrorClass>: message") if publish failed.
+        `peer_host` is the consumer's `host_id()`, as an Encode call carries it."""
         name = str(dtype).removeprefix("torch.")
         reply = self._ask(
-            {"op": "publish", "dtype": name, "shape": list(shape), "seed": seed, "lease_s": lease_s}
-        )
+            {"op": "publish", "dtype": name, "shape": list(shape), "seed": seed,
+             "lease_s": lease_s, "peer_host": peer_host}
+        )  # fmt: skip
         if "error" in reply:
             raise RuntimeError(f"{reply['error']}: {reply['message']}")
         return tensor_pb2.TensorHandle.FromString(base64.b64decode(reply["handle"]))
@@ -178,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lease-s", type=float, default=60.0)
     parser.add_argument("--checksum", action="store_true")
     parser.add_argument("--shm-prefix", default="epd-")
+    parser.add_argument("--nixl-progress-thread", action="store_true")
+    parser.add_argument("--host", default="127.0.0.1", help="TensorStore's listen address")
     asyncio.run(_serve(parser.parse_args(argv)))
 
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from common.config import ModelConfig
-from common.contract import PreprocessConfig
+from common.contract import PreprocessConfig, VideoPreprocessConfig
 from common.contract.images import add_image_limit_arguments, image_limits_from_args
+from common.contract.videos import add_video_limit_arguments, video_limits_from_args
+from common.cores import CoreShare
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.lifecycle import serve_service, start_service, stop_service
@@ -48,12 +50,14 @@ class EncoderServiceConfig:
     # tensors (over any transport) before the server stops and the pool is freed, in seconds.
     handoff_s: float = 5.0
     num_threads: int | None = None  # torch threads; None = torch's default (one per core)
+    share_cores: str | None = None  # PATH,SLOT,CORES of `epd up`'s core ledger (common.cores)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Qwen3-VL(-MoE) checkpoint directory")
     add_server_arguments(parser, DEFAULT_PORT)
     add_image_limit_arguments(parser)
+    add_video_limit_arguments(parser)
     d = EncoderConfig()
     g = parser.add_argument_group("encoder")
     g.add_argument(
@@ -111,7 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--transport",
         choices=BACKEND_CHOICES,
         default="auto",
-        help="how consumers pull tensors (auto: shm on this host, else nixl, else grpc)",
+        help="how consumers pull tensors. auto: shm for a consumer on this host; for another "
+        "host nixl when both have RDMA, or for tensors up to 4 MiB with --nixl-progress-thread "
+        "(UCX over TCP is slower than the grpc stream otherwise), else grpc",
     )
     t.add_argument(
         "--pool-bytes",
@@ -131,6 +137,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="name prefix of this encoder's /dev/shm segment (starts with 'epd-')",
     )
     t.add_argument(
+        "--nixl-progress-thread",
+        action=argparse.BooleanOptionalAction,
+        default=TransferConfig.nixl_progress_thread,
+        help="run NIXL's UCX progress thread: needed for speed over TCP (READs there need the "
+        "producer's progress), costs a busy core; CMA and RDMA READs do not need it",
+    )
+    t.add_argument(
+        "--ucx-tls",
+        default=None,
+        help="UCX transports NIXL may use (UCX_TLS), e.g. 'rc,sm,self' or 'tcp'; default: the "
+        "environment's UCX_TLS, else all",
+    )
+    t.add_argument(
+        "--ucx-net-devices",
+        default=None,
+        help="network devices UCX may use (UCX_NET_DEVICES), e.g. 'mlx5_0:1,eth0'; default all",
+    )
+    t.add_argument(
         "--advertise-host",
         default=None,
         help="host consumers dial for the grpc transport (e.g. the pod IP)",
@@ -147,6 +171,9 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
             pool_bytes=args.pool_bytes,
             lease_s=args.lease,
             shm_prefix=args.shm_prefix,
+            nixl_progress_thread=args.nixl_progress_thread,
+            ucx_tls=args.ucx_tls,
+            ucx_net_devices=args.ucx_net_devices,
         ),
         encoder=EncoderConfig(
             max_batch_patches=args.max_batch_patches,
@@ -154,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
             max_wait_s=args.max_wait_ms / 1000,
             max_queue_images=args.max_queue_images,
             limits=image_limits_from_args(args),
+            video_limits=video_limits_from_args(args),
             cache_bytes=args.cache_bytes,
             preprocess_threads=args.preprocess_threads,
         ),
@@ -161,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderServiceConfig:
         device=args.device,
         advertise_host=args.advertise_host,
         num_threads=args.num_threads,
+        share_cores=args.share_cores,
     )
 
 
@@ -194,7 +223,12 @@ class EncoderService:
         log.info("vision tower loaded in %.2f s", time.perf_counter() - started)
         pixels = cfg.encoder.limits.max_image_pixels
         pre = PreprocessConfig.from_dir(cfg.model, max_input_pixels=pixels)
-        encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device)
+        video = VideoPreprocessConfig.from_dir(cfg.model)
+        cores = None
+        if cfg.share_cores:
+            cores = CoreShare.from_spec(cfg.share_cores, set_torch_threads)
+        encoder = Encoder(tower, pre, self.producer, cfg.encoder, self.metrics, cfg.device, video,
+                          cores)  # fmt: skip
         await encoder.start()
         self.encoder = encoder
         await encoder.warm_up()

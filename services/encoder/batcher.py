@@ -25,11 +25,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from common.cores import CoreShare
 from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
 from services.encoder.cache import CachedImage, Grid, Pending
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import VisionTower
 from services.encoder.preprocess import ProcessedImage
+from services.encoder.video import ProcessedVideo
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class ForwardError(RuntimeError):
 @dataclass(eq=False)
 class _Work:
     pending: Pending
-    image: ProcessedImage
+    image: ProcessedImage | ProcessedVideo  # a video (chunk) batches like an image of t frames
     enqueued: float  # event-loop time
 
     @property
@@ -66,8 +68,12 @@ class Batcher:
         max_batch_patches: int,
         max_batch_images: int,
         max_wait_s: float,
+        cores: CoreShare | None = None,
     ) -> None:
+        """`cores`: the host's cores shared with other roles (`common.cores`), claimed per
+        forward; None = the process's own thread count."""
         self.tower, self.device, self._settle, self.metrics = tower, device, settle, metrics
+        self.cores = cores
         self.max_batch_patches, self.max_batch_images = max_batch_patches, max_batch_images
         self.max_wait_s = max_wait_s
         self.forwards = 0  # tower forwards run for requests (warm-up not counted)
@@ -86,7 +92,7 @@ class Batcher:
                 await self._task
         await wait_torch_thread_idle()  # no forward of ours is left in flight
 
-    def submit(self, pending: Pending, image: ProcessedImage) -> None:
+    def submit(self, pending: Pending, image: ProcessedImage | ProcessedVideo) -> None:
         self._queue.append(_Work(pending, image, asyncio.get_running_loop().time()))
         self._wakeup.set()
 
@@ -95,7 +101,10 @@ class Batcher:
 
     def forward(self, pixels: list[torch.Tensor], grids: list[Grid]) -> list[torch.Tensor]:
         """On the torch thread only. One CPU copy per image: `[n_tokens, (1+D)*H]`."""
-        with torch.inference_mode():
+        with (
+            self.cores.forward() if self.cores else contextlib.nullcontext(),
+            torch.inference_mode(),
+        ):
             x = torch.cat(pixels).to(self.device)  # [sum(t*h*w), C*T*P*P]
             outs = self.tower(x, grids)
             # Own copies: a cached entry must not keep the whole batch's output alive.
@@ -166,5 +175,6 @@ class Batcher:
         done = time.perf_counter()
         for work, out in zip(batch, outs, strict=True):
             p = work.pending
-            entry = CachedImage(out, work.image.grid_thw, p.preprocess_s, done - p.queued_at)
+            chunk = work.image.chunk if isinstance(work.image, ProcessedVideo) else None
+            entry = CachedImage(out, work.image.grid_thw, p.preprocess_s, done - p.queued_at, chunk)
             self._settle(p, entry, None)

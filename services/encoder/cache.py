@@ -13,8 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from services.encoder.video import VideoChunk
 
 Grid = tuple[int, int, int]
 
@@ -25,6 +29,7 @@ class CachedImage:
     grid_thw: Grid  # in patches, before the merge
     preprocess_s: float = 0.0  # how long producing it took: decode/resize/patchify
     forward_s: float = 0.0  # batching wait plus the tower forward
+    chunk: VideoChunk | None = None  # a video's temporal patches: timestamps and extent
 
 
 class TensorCache:

@@ -1,6 +1,9 @@
-"""The encoder: image bytes -> published wire tensors, with dynamic batching and an output cache.
+"""The encoder: image and video bytes -> published wire tensors, with dynamic batching and an
+output cache.
 
-One call (`Encoder.encode`) walks each image through:
+One call (`Encoder.encode`, or `encode_videos` for videos and chunks of them) walks each item
+through the same steps (a video's key adds its sampling and the temporal patches asked for; its
+preprocessing decodes only their frames):
 
 1. hash: SHA-256 of the bytes + a digest of the preprocessing settings = the cache key;
 2. cache: a hit is republished without running the tower; an identical image already in flight
@@ -31,14 +34,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.contract import ImageLimits, PreprocessConfig, image_token_count
+from common.contract import (
+    ImageLimits,
+    PreprocessConfig,
+    VideoLimits,
+    VideoPreprocessConfig,
+    VideoSampling,
+    image_token_count,
+)
+from common.cores import CoreShare
 from common.rpc import tensor_pb2
 from common.transfer import PoolExhaustedError, Producer
 from services.encoder.batcher import Batcher, Dropped
 from services.encoder.cache import CachedImage, Grid, Pending, TensorCache
 from services.encoder.metrics import EncoderMetrics
 from services.encoder.model import VisionTower
-from services.encoder.preprocess import preprocess
+from services.encoder.preprocess import ProcessedImage, preprocess
+from services.encoder.video import ProcessedVideo, VideoChunk, preprocess_video
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,7 @@ class EncoderConfig:
     max_queue_images: int = 256
     # What one Encode call may carry (the gateway checks the same limits first).
     limits: ImageLimits = field(default_factory=ImageLimits)
+    video_limits: VideoLimits = field(default_factory=VideoLimits)
     # Bytes of wire tensors the output cache keeps (CPU memory); 0 = no cache.
     cache_bytes: int = 256 * MIB
     preprocess_threads: int = 2
@@ -83,6 +96,29 @@ class ImageError(ValueError):
         self.index = index
 
 
+class VideoError(ValueError):
+    """One video of a request is unusable; the message names its index and the reason."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"video {index}: {reason}")
+        self.index = index
+
+
+@dataclass(frozen=True, slots=True)
+class VideoJob:
+    """One video, or the run of its temporal patches first..first+count-1 (count 0: to the end),
+    sampled as `sampling` says."""
+
+    data: bytes
+    sampling: VideoSampling
+    first: int = 0
+    count: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.sampling.cache_key}/{self.first}:{self.count}"
+
+
 class EncoderBusy(Exception):
     """The queue bound is reached; the caller should retry later or elsewhere."""
 
@@ -98,6 +134,18 @@ class EncodedImage:
     forward_s: float = 0.0  # batching wait + tower forward; 0 for a cache hit
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedVideo:
+    handle: tensor_pb2.TensorHandle
+    grid_thw: Grid  # (temporal patches encoded, h, w)
+    n_tokens: int
+    video_hash: str  # hex SHA-256 of the file
+    cache_hit: bool
+    chunk: VideoChunk  # timestamps, first patch, total patches, frames decoded
+    preprocess_s: float = 0.0
+    forward_s: float = 0.0
+
+
 class Encoder:
     def __init__(
         self,
@@ -107,19 +155,25 @@ class Encoder:
         cfg: EncoderConfig | None = None,
         metrics: EncoderMetrics | None = None,
         device: torch.device | str = "cpu",
+        video_cfg: VideoPreprocessConfig | None = None,
+        cores: CoreShare | None = None,
     ) -> None:
+        """`video_cfg`: the checkpoint's video-processor settings (default: transformers')."""
         self.tower, self.preprocess_cfg, self.producer = tower, preprocess_cfg, producer
+        self.video_cfg = video_cfg or VideoPreprocessConfig()
         self.cfg = cfg or EncoderConfig()
         self.metrics = metrics or EncoderMetrics()
         self.device = torch.device(device)
         self.cache = TensorCache(self.cfg.cache_bytes)
         self._settings = hashlib.sha256(preprocess_cfg.cache_key.encode()).hexdigest()[:16]
+        self._video_settings = hashlib.sha256(self.video_cfg.cache_key.encode()).hexdigest()[:16]
         self._pending: dict[str, Pending] = {}
         self._admitted = 0
         self._tasks: set[asyncio.Task[None]] = set()
         c = self.cfg
         self.batcher = Batcher(tower, self.device, self._settle, self.metrics,
-                               c.max_batch_patches, c.max_batch_images, c.max_wait_s)  # fmt: skip
+                               c.max_batch_patches, c.max_batch_images, c.max_wait_s,
+                               cores)  # fmt: skip
         self._preprocess = ThreadPoolExecutor(
             self.cfg.preprocess_threads, thread_name_prefix="epd-encoder-preprocess"
         )
@@ -171,22 +225,7 @@ class Encoder:
         """
         started = time.perf_counter()
         self._check_request(images)
-        n = len(images)
-        if self._admitted + n > self.cfg.max_queue_images:
-            self.metrics.rejected.labels("queue_full").inc(n)
-            raise EncoderBusy(
-                f"encoder queue is full: {self._admitted} images waiting, limit "
-                f"{self.cfg.max_queue_images}"
-            )
-        self._admitted += n
-        self.metrics.queue_depth.set(self._admitted)
-        try:
-            async with asyncio.timeout_at(deadline):
-                entries = await self._entries(images, deadline)
-                handles = await self._publish([e for e, _, _ in entries], consumer_host)
-        finally:
-            self._admitted -= n
-            self.metrics.queue_depth.set(self._admitted)
+        entries, handles = await self._run_call(images, None, consumer_host, deadline)
         self.metrics.request_seconds.observe(time.perf_counter() - started)
         merge = self.tower.cfg.spatial_merge_size
         return [
@@ -194,6 +233,84 @@ class Encoder:
                          digest, hit, 0.0 if hit else e.preprocess_s, 0.0 if hit else e.forward_s)
             for h, (e, digest, hit) in zip(handles, entries, strict=True)
         ]  # fmt: skip
+
+    async def encode_videos(
+        self,
+        videos: Sequence[VideoJob],
+        consumer_host: str | None = None,
+        deadline: float | None = None,
+    ) -> list[EncodedVideo]:
+        """`encode` for videos (or chunks of them): one wire tensor per job, in order. Raises
+        ValueError / VideoError (bad request or video), and what `encode` raises."""
+        started = time.perf_counter()
+        self._check_videos(videos)
+        entries, handles = await self._run_call(
+            [v.data for v in videos], videos, consumer_host, deadline
+        )
+        self.metrics.request_seconds.observe(time.perf_counter() - started)
+        merge = self.tower.cfg.spatial_merge_size
+        out = []
+        for h, (e, digest, hit) in zip(handles, entries, strict=True):
+            assert e.chunk is not None
+            n = image_token_count(e.grid_thw, merge)
+            self.metrics.video_tokens.inc(n)
+            out.append(
+                EncodedVideo(
+                    h,
+                    e.grid_thw,
+                    n,
+                    digest,
+                    hit,
+                    e.chunk,
+                    0.0 if hit else e.preprocess_s,
+                    0.0 if hit else e.forward_s,
+                )
+            )
+        return out
+
+    async def _run_call(
+        self,
+        items: Sequence[bytes],
+        jobs: Sequence[VideoJob] | None,
+        consumer_host: str | None,
+        deadline: float | None,
+    ) -> tuple[list[tuple[CachedImage, str, bool]], list[tensor_pb2.TensorHandle]]:
+        """Admission against the queue bound, then every item's entry and its published handle."""
+        n = len(items)
+        if self._admitted + n > self.cfg.max_queue_images:
+            self.metrics.rejected.labels("queue_full").inc(n)
+            raise EncoderBusy(
+                f"encoder queue is full: {self._admitted} items waiting, limit "
+                f"{self.cfg.max_queue_images}"
+            )
+        self._admitted += n
+        self.metrics.queue_depth.set(self._admitted)
+        try:
+            async with asyncio.timeout_at(deadline):
+                entries = await self._entries(items, deadline, jobs)
+                handles = await self._publish([e for e, _, _ in entries], consumer_host)
+        finally:
+            self._admitted -= n
+            self.metrics.queue_depth.set(self._admitted)
+        return entries, handles
+
+    def _check_videos(self, videos: Sequence[VideoJob]) -> None:
+        limits = self.cfg.video_limits
+        if not videos:
+            raise ValueError("the request has no videos")
+        if len(videos) > limits.max_videos_per_request:
+            raise ValueError(
+                f"the request has {len(videos)} videos, more than the limit "
+                f"{limits.max_videos_per_request}"
+            )
+        for i, job in enumerate(videos):
+            if len(job.data) > limits.max_video_bytes:
+                self.metrics.rejected.labels("too_large").inc()
+                raise VideoError(
+                    i,
+                    f"{len(job.data)} bytes, over the limit "
+                    f"{limits.max_video_bytes} (--max-video-bytes)",
+                )
 
     def _check_request(self, images: Sequence[bytes]) -> None:
         limits = self.cfg.limits
@@ -210,11 +327,14 @@ class Encoder:
                 raise ImageError(i, f"{len(data)} bytes, over the limit {limits.max_image_bytes}")
 
     async def _entries(
-        self, images: Sequence[bytes], deadline: float | None
+        self, images: Sequence[bytes], deadline: float | None, jobs: Sequence[VideoJob] | None
     ) -> list[tuple[CachedImage, str, bool]]:
-        """All images concurrently; the first failure cancels the rest (their queued work is
+        """All items concurrently; the first failure cancels the rest (their queued work is
         dropped unless another request waits for it) and is raised."""
-        tasks = [asyncio.ensure_future(self._one(i, d, deadline)) for i, d in enumerate(images)]
+        tasks = [
+            asyncio.ensure_future(self._one(i, d, deadline, jobs[i] if jobs else None))
+            for i, d in enumerate(images)
+        ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -227,15 +347,17 @@ class Encoder:
         return [t.result() for t in tasks]
 
     async def _one(
-        self, index: int, data: bytes, deadline: float | None
+        self, index: int, data: bytes, deadline: float | None, job: VideoJob | None = None
     ) -> tuple[CachedImage, str, bool]:
-        """(cache entry, image hash, cache hit) for one image of a request."""
+        """(cache entry, content hash, cache hit) for one image (or video job) of a request."""
         loop = asyncio.get_running_loop()
         if len(data) > _HASH_INLINE_BYTES:
             digest = await loop.run_in_executor(self._preprocess, _sha256, data)
         else:
             digest = _sha256(data)
         key = f"{digest}/{self._settings}"
+        if job is not None:  # the same file sampled or cut otherwise is another entry
+            key = f"{digest}/v{self._video_settings}/{job.key}"
         entry = self.cache.get(key)
         if entry is not None:
             self.metrics.cache_hits.inc()
@@ -245,7 +367,7 @@ class Encoder:
         if pending is None:
             pending = Pending(key, loop.create_future())
             self._pending[key] = pending
-            task = asyncio.create_task(self._produce(pending, data))
+            task = asyncio.create_task(self._produce(pending, data, job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
@@ -253,26 +375,38 @@ class Encoder:
         try:
             entry = await asyncio.shield(pending.future)
         except ValueError as e:
-            self.metrics.rejected.labels("bad_image").inc()
-            raise ImageError(index, str(e)) from None
+            self.metrics.rejected.labels("bad_image" if job is None else "bad_video").inc()
+            raise (ImageError if job is None else VideoError)(index, str(e)) from None
         finally:
             pending.waiters -= 1
         return entry, digest, hit
 
-    async def _produce(self, pending: Pending, data: bytes) -> None:
-        """Preprocess one image and queue it for the batcher (which settles `pending`)."""
+    async def _produce(self, pending: Pending, data: bytes, job: VideoJob | None) -> None:
+        """Preprocess one image (or decode and preprocess a video job) and queue it for the
+        batcher (which settles `pending`)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            image = await loop.run_in_executor(
-                self._preprocess, preprocess, data, self.preprocess_cfg
-            )
+            image: ProcessedImage | ProcessedVideo
+            if job is None:
+                image = await loop.run_in_executor(
+                    self._preprocess, preprocess, data, self.preprocess_cfg
+                )
+            else:
+                video = await loop.run_in_executor(
+                    self._preprocess, preprocess_video, data, job.sampling, self.video_cfg,
+                    job.first, job.count, self.cfg.video_limits,
+                )  # fmt: skip
+                self.metrics.video_frames_decoded.inc(video.chunk.frames_decoded)
+                self.metrics.video_decode_seconds.observe(video.chunk.decode_s)
+                image = video
         except ValueError as e:
             self._settle(pending, exc=e)
             return
-        except Exception as e:  # an image that crashes the preprocessor is a bad image
+        except Exception as e:  # a file that crashes the preprocessor is a bad file
             log.warning("preprocess failed unexpectedly", exc_info=True)
-            self._settle(pending, exc=ValueError(f"cannot preprocess image: {type(e).__name__}"))
+            what = "image" if job is None else "video"
+            self._settle(pending, exc=ValueError(f"cannot preprocess {what}: {type(e).__name__}"))
             return
         if pending.abandoned(loop.time()):
             self._settle(pending, exc=Dropped("request cancelled or deadline passed"))

@@ -48,6 +48,16 @@ class EncoderMetrics:
             "Transfer pool bytes held by published, unacknowledged tensors",
             registry=r,
         )
+        self.video_frames_decoded = Counter(
+            "epd_encoder_video_frames_decoded", "Video frames the decoder produced", registry=r
+        )
+        self.video_decode_seconds = Histogram(
+            "epd_encoder_video_decode_seconds", "Seconds decoding one video (or chunk)",
+            registry=r, buckets=_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.video_tokens = Counter(
+            "epd_encoder_video_tokens", "Video tokens answered (cache hits included)", registry=r
+        )
         self.rejected = Counter(
             "epd_encoder_rejected_images", "Images refused, by reason", ["reason"], registry=r
         )

@@ -6,10 +6,11 @@ import asyncio
 
 import grpc
 
+from common.contract import ContractError
 from common.rpc import encoder_pb2, encoder_pb2_grpc
 from common.transfer import TransferError
 from services.encoder.batcher import ForwardError
-from services.encoder.encoder import EncodedImage, Encoder, EncoderBusy
+from services.encoder.encoder import EncodedImage, EncodedVideo, Encoder, EncoderBusy, VideoJob
 
 # A deadline further away than this is treated as none (some clients send "infinite" ones).
 _NO_DEADLINE_S = 1e7
@@ -64,9 +65,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         if remaining is not None and remaining < _NO_DEADLINE_S:
             deadline = asyncio.get_running_loop().time() + remaining
         images = [img.data for img in request.images]
+        host = request.consumer_host or None
         try:
-            results = await encoder.encode(images, request.consumer_host or None, deadline)
-        except ValueError as e:  # includes ImageError ("image 2: cannot decode image: ...")
+            videos = [_job(v, encoder, i) for i, v in enumerate(request.videos)]
+            if not images and not videos:
+                raise ValueError("the request has no images or videos")
+            results = await encoder.encode(images, host, deadline) if images else []
+            try:
+                clips = await encoder.encode_videos(videos, host, deadline) if videos else []
+            except BaseException:
+                for r in results:  # all or nothing: nobody will receive these
+                    encoder.producer.release(r.handle.id)
+                raise
+        except ValueError as e:  # ImageError / VideoError ("video 0: the file has no ...")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EncoderBusy as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -76,7 +87,34 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while encoding")
         except ForwardError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        return encoder_pb2.EncodeReply(images=[_to_proto(r) for r in results])
+        return encoder_pb2.EncodeReply(
+            images=[_to_proto(r) for r in results], videos=[_video_to_proto(v) for v in clips]
+        )
+
+
+def _job(m: encoder_pb2.VideoData, encoder: Encoder, index: int) -> VideoJob:
+    try:
+        sampling = encoder.video_cfg.sampling(m.fps or None, m.max_frames or None)
+    except ContractError as e:
+        raise ValueError(f"video {index}: {e}") from None
+    return VideoJob(m.data, sampling, m.first_patch, m.num_patches)
+
+
+def _video_to_proto(r: EncodedVideo) -> encoder_pb2.EncodedVideo:
+    t, h, w = r.grid_thw
+    return encoder_pb2.EncodedVideo(
+        handle=r.handle,
+        grid_thw=encoder_pb2.GridTHW(t=t, h=h, w=w),
+        n_tokens=r.n_tokens,
+        video_hash=r.video_hash,
+        cache_hit=r.cache_hit,
+        timestamps=list(r.chunk.timestamps),
+        first_patch=r.chunk.first_patch,
+        total_patches=r.chunk.total_patches,
+        frames_decoded=0 if r.cache_hit else r.chunk.frames_decoded,
+        preprocess_seconds=r.preprocess_s,
+        encode_seconds=r.forward_s,
+    )
 
 
 def _to_proto(r: EncodedImage) -> encoder_pb2.EncodedImage:

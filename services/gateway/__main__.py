@@ -17,8 +17,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from common.config import ModelConfig
-from common.contract import PreprocessConfig
+from common.contract import PreprocessConfig, VideoPreprocessConfig
 from common.contract.images import add_image_limit_arguments, image_limits_from_args
+from common.contract.videos import add_video_limit_arguments, video_limits_from_args
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
 from common.lifecycle import serve_service, start_service, stop_service
 from common.rpc import gateway_pb2, gateway_pb2_grpc
@@ -90,9 +91,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allowed-local-media-path",
         default=None,
-        help="directory file:// image URLs may read from (default: none)",
+        help="directory file:// image and video URLs may read from (default: none)",
     )
     add_image_limit_arguments(parser)
+    add_video_limit_arguments(parser)
+    parser.add_argument(
+        "--video-chunk-patches",
+        type=int,
+        default=o.video_chunk_patches,
+        help="patches (temporal patches x h x w) one Encode call gets of a video at most; a "
+        "longer video is split into chunks of temporal patches encoded in parallel on several "
+        "encoders (keep it at or below the encoders' --max-batch-patches)",
+    )
     g = parser.add_argument_group("admission and deadlines")
     g.add_argument(
         "--max-in-flight-requests",
@@ -138,12 +148,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.port,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
-        limits=Limits(image_limits_from_args(args), media),
+        limits=Limits(image_limits_from_args(args), media, video_limits_from_args(args)),
         orchestrator=OrchestratorConfig(
             encode_timeout_s=args.encode_timeout,
             request_timeout_s=args.request_timeout,
             max_in_flight=args.max_in_flight_requests,
             reasoning_parser=args.reasoning_parser,
+            video_chunk_patches=args.video_chunk_patches,
         ),
         max_body_bytes=args.max_request_body_bytes,
         backend_tls=client_tls_from_args(args, "backend-"),
@@ -242,8 +253,9 @@ def create(cfg: GatewayConfig) -> GatewayService:
     )
     language = BackendPool("language", cfg.language, cfg.refresh_s, tls=tls, marked_down=down)
     pools = [p for p in (encoders, language) if p is not None]
+    video = VideoPreprocessConfig.from_dir(cfg.model) if model_cfg.is_multimodal else None
     orchestrator = Orchestrator(model_cfg, tokenizer, encoders, language, metrics,
-                                cfg.orchestrator, preprocess)  # fmt: skip
+                                cfg.orchestrator, preprocess, video)  # fmt: skip
     service_name = gateway_pb2.DESCRIPTOR.services_by_name["Chat"].full_name
     server = GrpcServer(cfg.server, [service_name])
     gateway_pb2_grpc.add_ChatServicer_to_server(

@@ -40,6 +40,10 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
+# Seconds the calls in flight on a backend that DNS no longer lists get before its channel closes.
+REMOVED_GRACE_S = 30.0
+
+
 @dataclass(eq=False)
 class Backend:
     address: str
@@ -71,6 +75,7 @@ class BackendPool:
         self.backends: dict[str, Backend] = {}
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._closing: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # removed backends
 
     async def start(self) -> None:
         await self.refresh()
@@ -82,6 +87,9 @@ class BackendPool:
         for b in self.backends.values():
             await b.channel.close()
         self.backends.clear()
+        for closing, channel in list(self._closing.items()):  # no grace left at shutdown
+            await channel.close()
+            await closing
 
     @property
     def healthy(self) -> list[Backend]:
@@ -130,7 +138,12 @@ class BackendPool:
             log.info("%s backend added: %s", self.name, addr)
         for addr in self.backends.keys() - addresses:
             b = self.backends.pop(addr)
-            await b.channel.close()
+            # Not closed at once: that cancels the calls in flight on it, and the cancellation
+            # reaches the HTTP handler, which then drops its client without a response (seen
+            # when DNS stopped listing a SIGKILLed compose encoder). They finish or fail first.
+            closing = asyncio.create_task(b.channel.close(grace=REMOVED_GRACE_S))
+            self._closing[closing] = b.channel
+            closing.add_done_callback(lambda task: self._closing.pop(task, None))
             log.info("%s backend removed: %s", self.name, addr)
         await asyncio.gather(*(self._check(b) for b in list(self.backends.values())))
         self._changed.set()

@@ -104,6 +104,10 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
                     parts.append({"type": "image_bytes", "data": p.image})
                 elif kind == "image_url":
                     parts.append({"type": "image_url", "image_url": {"url": p.image_url}})
+                elif kind == "video":
+                    parts.append({"type": "video_bytes", "data": p.video})
+                elif kind == "video_url":
+                    parts.append({"type": "video_url", "video_url": {"url": p.video_url}})
             msg: dict[str, Any] = {"role": m.role, "content": parts}
             if m.tool_calls:
                 msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
@@ -144,6 +148,10 @@ class ChatServicer(gateway_pb2_grpc.ChatServicer):
         if r.chat_template_kwargs_json:
             kwargs = _json_field(r.chat_template_kwargs_json, "chat_template_kwargs_json")
             body["chat_template_kwargs"] = kwargs
+        mm_kwargs = {name: getattr(r, f"video_{name}") for name in ("fps", "max_frames")
+                     if r.HasField(f"video_{name}")}  # fmt: skip
+        if mm_kwargs:
+            body["mm_processor_kwargs"] = mm_kwargs
         return body
 
 

@@ -6,6 +6,9 @@ height (Pillow parses the header, decodes no pixels), checked against the limits
 (the encoder-affinity key). With the size, the gateway predicts the image's token count exactly
 as the encoder will resize it (`common.contract.images`). Decoding happens on the encoder, which
 reports an undecodable image per image.
+
+Videos likewise: the container header only (PyAV: frame count, frame rate, size; no frame is
+decoded), checked against the video limits; the encoder decodes the sampled frames.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image as PILImage
 
-from common.contract import ImageLimits
+from common.contract import ImageLimits, VideoInfo, VideoLimits
+from common.video_io import probe
 
 # Leading bytes of the formats the encoder decodes.
 _MAGIC = (
@@ -51,6 +55,13 @@ class Image:
     sha256: str  # lowercase hex of `data`
 
 
+@dataclass(frozen=True, slots=True)
+class Video:
+    data: bytes  # the file as sent
+    info: VideoInfo  # from its container header
+    sha256: str  # lowercase hex of `data`
+
+
 def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -72,6 +83,34 @@ def load_image_url(url: str, allowed_dir: Path | None, limits: ImageLimits) -> I
     else:
         raise MediaError(f"unsupported image URL scheme in {url[:32]!r}")
     return read_image(data, limits)
+
+
+def load_video_url(url: str, allowed_dir: Path | None, limits: VideoLimits) -> Video:
+    """The video behind a URL, or MediaError saying what is wrong with it."""
+    if url.startswith("data:"):
+        data = _data_url(url, "video")
+    elif url.startswith("file://"):
+        data = _file_url(url, allowed_dir, limits.max_video_bytes, "video")
+    elif url.startswith(("http://", "https://")):
+        raise MediaError("remote video URLs are not fetched; send a data: URL instead")
+    else:
+        raise MediaError(f"unsupported video URL scheme in {url[:32]!r}")
+    return read_video(data, limits)
+
+
+def read_video(data: bytes, limits: VideoLimits) -> Video:
+    """Check a video file's size and container header against the limits (no frame decoded)."""
+    if not data:
+        raise MediaError("video is empty")
+    if len(data) > limits.max_video_bytes:
+        raise MediaError(f"video is {len(data)} bytes, over the limit of {limits.max_video_bytes} "
+                         "(--max-video-bytes)", True)  # fmt: skip
+    try:
+        info = probe(data)
+        limits.check(info)
+    except ValueError as e:  # the decoder's reason, or the limit exceeded
+        raise MediaError(str(e)) from None
+    return Video(data, info, content_hash(data))
 
 
 def read_image(data: bytes, limits: ImageLimits) -> Image:
@@ -104,13 +143,14 @@ def read_image(data: bytes, limits: ImageLimits) -> Image:
     return Image(data, width, height, content_hash(data))
 
 
-def _data_url(url: str) -> bytes:
+def _data_url(url: str, kind: str = "image") -> bytes:
     header, sep, payload = url[5:].partition(",")
     if not sep:
         raise MediaError("malformed data URL (no comma)")
     mime = header.split(";")[0].strip().lower()
-    if mime and not mime.startswith("image/"):
-        raise MediaError(f"data URL has media type {mime!r}, not an image")
+    if mime and not mime.startswith(f"{kind}/"):
+        article = "an" if kind == "image" else "a"
+        raise MediaError(f"data URL has media type {mime!r}, not {article} {kind}")
     if ";base64" not in header.lower():
         try:
             return unquote(payload, errors="strict").encode("latin-1")
@@ -122,10 +162,10 @@ def _data_url(url: str) -> bytes:
         raise MediaError(f"data URL is not valid base64: {e}") from e
 
 
-def _file_url(url: str, allowed_dir: Path | None, max_bytes: int) -> bytes:
+def _file_url(url: str, allowed_dir: Path | None, max_bytes: int, kind: str = "image") -> bytes:
     if allowed_dir is None:
         raise MediaError(
-            "file:// image URLs are disabled (start the gateway with --allowed-local-media-path)"
+            f"file:// {kind} URLs are disabled (start the gateway with --allowed-local-media-path)"
         )
     try:
         path = Path(unquote(urlparse(url).path)).resolve()
@@ -135,7 +175,7 @@ def _file_url(url: str, allowed_dir: Path | None, max_bytes: int) -> bytes:
             raise MediaError(f"file {path} does not exist")
         size = path.stat().st_size
         if size > max_bytes:
-            raise MediaError(f"image is {size} bytes, over the limit of {max_bytes}", True)
+            raise MediaError(f"{kind} is {size} bytes, over the limit of {max_bytes}", True)
         return path.read_bytes()
     except (ValueError, OSError) as e:  # a NUL byte, a name too long, unreadable, ...
         if isinstance(e, MediaError):

@@ -25,6 +25,12 @@ class GatewayMetrics:
         self.images = Counter(
             "epd_gateway_images", "Images encoded, by encoder cache result", ["cache"], registry=r
         )
+        self.video_requests = Counter(
+            "epd_gateway_video_requests", "Chat requests carrying videos", registry=r
+        )
+        self.video_tokens = Counter(
+            "epd_gateway_video_tokens", "Video tokens encoded for requests", registry=r
+        )
         self.rejected = Counter(
             "epd_gateway_rejected", "Requests shed before any work, by reason", ["reason"],
             registry=r,

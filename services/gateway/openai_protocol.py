@@ -20,9 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.contract import ContractError, ImageLimits, SamplingParams, StructuredOutput
+from common.contract import (
+    ContractError,
+    ImageLimits,
+    SamplingParams,
+    StructuredOutput,
+    VideoLimits,
+)
 from common.contract.sampling import MAX_N, MAX_SEED
-from services.gateway.media import Image, MediaError, load_image_url, read_image
+from services.gateway.media import (
+    Image,
+    MediaError,
+    Video,
+    load_image_url,
+    load_video_url,
+    read_image,
+    read_video,
+)
 from services.gateway.structured_outputs import SpecError, parse_structured
 from services.gateway.tools import ToolChoice, ToolError, parse_tools
 
@@ -45,7 +59,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     "chat_template": (None,),
     "continue_final_message": (None, False),
-    "mm_processor_kwargs": (None, {}),
     "logits_processors": (None,),
     "truncate_prompt_tokens": (None,),
     "skip_special_tokens": (None, True),
@@ -89,6 +102,7 @@ class Limits:
 
     images: ImageLimits = field(default_factory=ImageLimits)
     allowed_media_dir: Path | None = None  # where file:// URLs may read from; None = nowhere
+    videos: VideoLimits = field(default_factory=VideoLimits)
 
 
 @dataclass
@@ -112,6 +126,11 @@ class ChatRequest:
     add_generation_prompt: bool = True  # the template ends with the assistant turn's start
     # The prompt as rendered, set by the orchestrator (the reasoning parser reads its end).
     prompt_text: str = ""
+    videos: list[Video] = field(default_factory=list)  # in order of appearance
+    # vLLM's `mm_processor_kwargs` for videos: None = the checkpoint's (checked against the
+    # server's limits by the orchestrator, which knows them).
+    video_fps: float | None = None
+    video_max_frames: int | None = None
 
 
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
@@ -121,7 +140,9 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a string", "model")
     check_unsupported(body)
-    messages, images = _messages(body.get("messages"), limits)
+    videos: list[Video] = []
+    messages, images = _messages(body.get("messages"), limits, videos)
+    video_fps, video_max_frames = _mm_processor_kwargs(body.get("mm_processor_kwargs"))
     try:
         tools = parse_tools(body)
     except ToolError as e:
@@ -165,6 +186,9 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         template_kwargs=_template_kwargs(body.get("chat_template_kwargs")),
         add_generation_prompt=body.get("add_generation_prompt") is None
         or _bool(body, "add_generation_prompt"),
+        videos=videos,
+        video_fps=video_fps,
+        video_max_frames=video_max_frames,
     )
 
 
@@ -227,7 +251,28 @@ def _template_kwargs(v: Any) -> dict[str, Any]:
     return dict(v)
 
 
-def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Image]]:
+def _mm_processor_kwargs(v: Any) -> tuple[float | None, int | None]:
+    """vLLM's per-request processor settings: `fps` and `max_frames` (videos)."""
+    if v is None:
+        return None, None
+    if not isinstance(v, dict):
+        raise ApiError(400, "mm_processor_kwargs must be an object", "mm_processor_kwargs")
+    unknown = sorted(set(v) - {"fps", "max_frames"})
+    if unknown:
+        raise ApiError(400, f"mm_processor_kwargs: {', '.join(unknown)} not supported (fps and "
+                       "max_frames are)", "mm_processor_kwargs")  # fmt: skip
+    fps, max_frames = v.get("fps"), v.get("max_frames")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float)):
+        raise ApiError(400, "mm_processor_kwargs.fps must be a number", "mm_processor_kwargs")
+    if max_frames is not None and not _is_int(max_frames):
+        raise ApiError(400, "mm_processor_kwargs.max_frames must be an integer",
+                       "mm_processor_kwargs")  # fmt: skip
+    return (None if fps is None else float(fps)), max_frames
+
+
+def _messages(
+    raw: Any, limits: Limits, videos: list[Video]
+) -> tuple[list[dict[str, Any]], list[Image]]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     out: list[dict[str, Any]] = []
@@ -250,7 +295,7 @@ def _messages(raw: Any, limits: Limits) -> tuple[list[dict[str, Any]], list[Imag
         if isinstance(content, str):
             entry = {"role": role, "content": content}
         elif isinstance(content, list):
-            entry = {"role": role, "content": _parts(content, where, images, limits)}
+            entry = {"role": role, "content": _parts(content, where, images, limits, videos)}
         elif content is None and role == "assistant":
             entry = {"role": role, "content": ""}
         else:
@@ -287,7 +332,9 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _parts(parts: list[Any], where: str, images: list[Image], limits: Limits) -> list[dict]:
+def _parts(
+    parts: list[Any], where: str, images: list[Image], limits: Limits, videos: list[Video]
+) -> list[dict]:
     out: list[dict[str, Any]] = []
     for j, part in enumerate(parts):
         at = f"{where}.content[{j}]"
@@ -296,6 +343,16 @@ def _parts(parts: list[Any], where: str, images: list[Image], limits: Limits) ->
             if not isinstance(part.get("text"), str):
                 raise ApiError(400, f"{at}: text must be a string", at)
             out.append({"type": "text", "text": part["text"]})
+            continue
+        if kind in ("video_url", "video_bytes"):
+            if len(videos) >= limits.videos.max_videos_per_request:
+                most = limits.videos.max_videos_per_request
+                raise ApiError(400, f"too many videos: at most {most} per request", at)
+            try:
+                videos.append(_video(part, at, limits))
+            except MediaError as e:
+                raise ApiError(413 if e.too_large else 400, f"{at}: {e}", at) from None
+            out.append({"type": "video"})
             continue
         if kind not in ("image_url", "image_bytes"):
             raise ApiError(400, f"{at}: unsupported content part type {_show(kind)}", at)
@@ -324,6 +381,18 @@ def _image(part: dict[str, Any], at: str, limits: Limits) -> Image:
     if isinstance(ref, dict) and ref.get("detail") not in (None, "auto", "low", "high"):
         raise ApiError(400, f"{at}: image_url.detail must be auto, low or high", at)
     return load_image_url(url, limits.allowed_media_dir, limits.images)
+
+
+def _video(part: dict[str, Any], at: str, limits: Limits) -> Video:
+    if part["type"] == "video_bytes":  # gRPC only: raw bytes
+        if not isinstance(part.get("data"), bytes):
+            raise ApiError(400, f"{at}: data must be bytes", at)
+        return read_video(part["data"], limits.videos)
+    ref = part.get("video_url")
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise ApiError(400, f"{at}: video_url.url must be a string", at)
+    return load_video_url(url, limits.allowed_media_dir, limits.videos)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -2,12 +2,14 @@
 
 1. Render the chat template and tokenize (off the event loop for long prompts); expand each
    image placeholder to the image's token count, predicted from its size as the encoder will
-   resize it (`common.contract.images`).
+   resize it (`common.contract.images`), and each video placeholder to its timestamped runs of
+   video-pad tokens, planned from its container header (`services.gateway.videos`).
 2. Pick the language replica with the fewest outstanding requests; its `ReplicaInfo` (cached)
    gives `max_model_len` and its host id (encoders on that host may use shared memory). The
    prompt is checked against it (`check_prompt`): a bad request is refused before any encoder
    works on it.
-3. Encode every image in parallel, each on the encoder ranked first for its content hash
+3. Encode every image and video chunk in parallel, each on the encoder ranked first for its
+   content hash (a chunk: the video's hash and its first patch)
    (rendezvous hashing: cache affinity), retrying on the least-loaded other encoders when it
    fails or does not answer within `encode_timeout_s`.
 4. Stream `Language.Generate`. Before the first token, a failure is blamed on the role that
@@ -51,9 +53,13 @@ from common.contract import (
     PromptLimits,
     ReplicaInfo,
     StructuredOutput,
+    VideoPlan,
+    VideoPreprocessConfig,
+    VideoRef,
     check_prompt,
     check_token_ids,
     expand_image_pads,
+    expand_video_placeholders,
     fault_of,
     image_grid,
     image_token_count,
@@ -64,6 +70,7 @@ from common.contract.wire import (
     image_ref_from_encoded,
     replica_info_from_proto,
     structured_to_proto,
+    video_ref_from_encoded,
 )
 from common.rpc import (
     encoder_pb2,
@@ -80,6 +87,7 @@ from services.gateway.media import Image
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_protocol import ApiError, ChatRequest
 from services.gateway.reasoning import THINK_END, reasoning_open
+from services.gateway.videos import VideoChunk, plan_chunks
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,9 @@ class OrchestratorConfig:
     max_generate_attempts: int = 2  # language replicas tried when one is unreachable or full
     max_in_flight: int = 1024  # requests at once beyond which new ones get 429
     reasoning_parser: str | None = None  # "qwen3": replies' <think> blocks are reasoning
+    # Patches of a video one Encode call gets at most; longer videos are cut into chunks of
+    # whole temporal patches, encoded in parallel (the encoders' --max-batch-patches default).
+    video_chunk_patches: int = 16384
 
 
 @dataclass
@@ -137,7 +148,7 @@ class Final:
 
 @dataclass
 class _Encoded:
-    ref: ImageRef
+    ref: ImageRef | VideoRef
     backend: Backend  # the encoder holding the tensor (it also serves TensorStore)
     seconds: float  # the Encode call as the gateway saw it
     preprocess_s: float  # inside the encoder (0 on a cache hit)
@@ -148,6 +159,7 @@ class _Encoded:
 class _Prompt:
     ids: list[int]  # image placeholders expanded
     counts: list[int]  # image tokens per image, predicted from its size
+    chunks: list[VideoChunk] = field(default_factory=list)  # the videos, as encoded
 
 
 class Orchestrator:
@@ -160,13 +172,15 @@ class Orchestrator:
         metrics: GatewayMetrics,
         options: OrchestratorConfig | None = None,
         preprocess: PreprocessConfig | None = None,
+        video: VideoPreprocessConfig | None = None,
     ) -> None:
-        """`preprocess`: the checkpoint's image-processor settings (VL models)."""
+        """`preprocess`, `video`: the checkpoint's image- and video-processor settings."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.encoders, self.language = encoders, language
         self.metrics = metrics
         self.options = options or OrchestratorConfig()
         self.preprocess = preprocess
+        self.video = video
         self.in_flight = 0
         self._releases: set[asyncio.Task[None]] = set()
 
@@ -265,25 +279,55 @@ class Orchestrator:
         if req.prompt_ids is not None:  # /v1/completions with token ids: used as they are
             return _Prompt(list(req.prompt_ids), [])
         counts = [self._image_tokens(i, img) for i, img in enumerate(req.images)]
+        plans, chunks = self._video_chunks(req)
+        stamps = [p.timestamps for p in plans]
+        merge = self.cfg.vision.spatial_merge_size if self.cfg.vision else 2
         try:
             if _text_chars(req.messages) > _TOKENIZE_INLINE_CHARS or len(req.prompt) > 4096:
-                ids = await asyncio.to_thread(self._tokenize, req)
+                ids = await asyncio.to_thread(self._tokenize, req, stamps)
             else:
-                ids = self._tokenize(req)
-            if req.images:
+                ids = self._tokenize(req, stamps)
+            if req.images or chunks:
                 assert self.cfg.image_token_id is not None
-                ids = expand_image_pads(ids, self.cfg.image_token_id, counts)
+                flat = [n for c in chunks for n in c.patch_counts(merge)]
+                ids = expand_image_pads(ids, self.cfg.image_token_id, counts,
+                                        self.cfg.video_token_id, flat)  # fmt: skip
         except (ValueError, UnicodeError) as e:
             raise ApiError(400, f"messages: {e}", "messages") from None
-        return _Prompt(ids, counts)
+        return _Prompt(ids, counts, chunks)
 
-    def _tokenize(self, req: ChatRequest) -> list[int]:
+    def _video_chunks(self, req: ChatRequest) -> tuple[list[VideoPlan], list[VideoChunk]]:
+        """Every video planned from its header and cut into chunks; 400 for what cannot be (and
+        for `mm_processor_kwargs` beyond the server's limits, videos or not)."""
+        try:
+            sampling = (
+                self.video.sampling(req.video_fps, req.video_max_frames) if self.video else None
+            )
+        except ContractError as e:
+            raise ApiError(400, str(e), e.param) from None
+        if not req.videos:
+            return [], []
+        self.metrics.video_requests.inc()
+        if sampling is None or self.video is None or self.cfg.video_token_id is None:
+            raise ApiError(400, "this model takes no videos", "messages")
+        try:
+            return plan_chunks(req.videos, sampling, self.video, self.options.video_chunk_patches)
+        except ContractError as e:
+            raise ApiError(400, str(e), e.param) from None
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+
+    def _tokenize(
+        self, req: ChatRequest, video_stamps: Sequence[Sequence[float]] = ()
+    ) -> list[int]:
         if req.prompt:  # /v1/completions: the text as it is, no template
             req.prompt_text = req.prompt
         else:
             tools = list(req.tools.tools) if req.tools is not None else None
             req.prompt_text = self.tokenizer.render(req.messages, req.add_generation_prompt,
                                                     tools, **req.template_kwargs)  # fmt: skip
+            if video_stamps:
+                req.prompt_text = expand_video_placeholders(req.prompt_text, video_stamps)
         return self.tokenizer.encode(req.prompt_text)
 
     def _image_tokens(self, index: int, image: Image) -> int:
@@ -305,25 +349,36 @@ class Orchestrator:
         the replica cannot take it; re-encodes the images when the replica could not pull one."""
         info = await self._info(backend)
         merge = self.cfg.vision.spatial_merge_size if self.cfg.vision else 2
-        limits = PromptLimits(info.vocab_size, info.max_model_len, self.cfg.image_token_id, merge)
+        limits = PromptLimits(info.vocab_size, info.max_model_len, self.cfg.image_token_id, merge,
+                              self.cfg.video_token_id)  # fmt: skip
         try:
-            check_prompt(prompt.ids, prompt.counts, req.params, limits)
+            check_prompt(prompt.ids, prompt.counts, req.params, limits,
+                         [c.patch_counts(merge) for c in prompt.chunks])  # fmt: skip
         except ContractError as e:
             raise ApiError(400, str(e), e.param) from None
-        if req.params.structured is not None and req.images:
+        if req.params.structured is not None and (req.images or prompt.chunks):
             await self._compile_grammar(backend, req.params.structured)
         avoid: dict[int, set[str]] = {}  # image -> encoders that lost it in an earlier round
+        media: list[Image | VideoChunk] = [*req.images, *prompt.chunks]
         for round_ in range(1, self.options.max_image_rounds + 1):
-            images = await self._encode_all(req.images, info.host_id, avoid, deadline)
+            images = await self._encode_all(media, info.host_id, avoid, deadline)
             timings = _encode_timings(images)
             try:
-                for i, (enc, want) in enumerate(zip(images, prompt.counts, strict=True)):
+                wants = [*prompt.counts, *(c.tokens(merge) for c in prompt.chunks)]
+                for i, (enc, want) in enumerate(zip(images, wants, strict=True)):
                     if enc.ref.n_tokens != want:
                         raise ApiError(502, f"image {i}: the encoder made {enc.ref.n_tokens} "
                                        f"tokens of it, the gateway expected {want} (do both "
                                        "read the same checkpoint?)")  # fmt: skip
-                refs = [enc.ref for enc in images]
-                request = generate_request(req.request_id, prompt.ids, refs, req.params)
+                for enc, c in zip(images[len(req.images) :], prompt.chunks, strict=True):
+                    assert isinstance(enc.ref, VideoRef)
+                    if enc.ref.timestamps != c.timestamps:
+                        raise ApiError(502, f"video {c.index}: the encoder's timestamps "
+                                       f"{enc.ref.timestamps} differ from the gateway's "
+                                       f"{c.timestamps}")  # fmt: skip
+                refs = [e.ref for e in images if isinstance(e.ref, ImageRef)]
+                vrefs = [e.ref for e in images if isinstance(e.ref, VideoRef)]
+                request = generate_request(req.request_id, prompt.ids, refs, req.params, vrefs)
                 async for item in self._generate(backend, request, req, timings, deadline):
                     yield item
                 return
@@ -471,7 +526,7 @@ class Orchestrator:
 
     async def _encode_all(
         self,
-        images: Sequence[Image],
+        images: Sequence[Image | VideoChunk],
         consumer_host: str,
         avoid: dict[int, set[str]],
         deadline: float,
@@ -498,17 +553,29 @@ class Orchestrator:
         return done
 
     async def _encode_one(
-        self, index: int, image: Image, consumer_host: str, avoid: set[str], deadline: float
+        self,
+        index: int,
+        image: Image | VideoChunk,
+        consumer_host: str,
+        avoid: set[str],
+        deadline: float,
     ) -> _Encoded:
         assert self.encoders is not None
         tried: list[str] = []
-        request = encoder_pb2.EncodeRequest(
-            images=[encoder_pb2.ImageData(data=image.data, content_hash=image.sha256)],
-            consumer_host=consumer_host,
-        )
+        if isinstance(image, VideoChunk):
+            request = image.encode_request(consumer_host)
+            key, what = image.video.sha256, f"video {image.index}"
+        else:
+            request = encoder_pb2.EncodeRequest(
+                images=[encoder_pb2.ImageData(data=image.data, content_hash=image.sha256)],
+                consumer_host=consumer_host,
+            )
+            key, what = image.sha256, f"image {index}"
         # The encoder that owns this content hash first (its cache), then the least loaded;
         # encoders that lost this image in an earlier round go last.
-        ranked = self.encoders.rank(image.sha256)
+        ranked = self.encoders.rank(key)
+        if isinstance(image, VideoChunk):  # chunk k first on the k-th: a video fans out
+            ranked = image.route(ranked)
         order = ranked[:1] + sorted(ranked[1:], key=lambda b: b.outstanding)
         order = [b for b in order if b.address not in avoid] + [
             b for b in order if b.address in avoid
@@ -519,13 +586,13 @@ class Orchestrator:
             t0 = time.monotonic()
             timeout = min(self.options.encode_timeout_s, deadline - t0)
             if timeout <= 0:
-                raise ApiError(504, f"image {index}: request deadline passed before encoding")
+                raise ApiError(504, f"{what}: request deadline passed before encoding")
             try:
                 reply = await stub.Encode(request, timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    detail = (e.details() or "").removeprefix("image 0: ")
-                    raise ApiError(400, f"image {index}: {detail}", "messages") from None
+                    detail = (e.details() or "").removeprefix("image 0: ").removeprefix("video 0: ")
+                    raise ApiError(400, f"{what}: {detail}", "messages") from None
                 if e.code() not in _RETRYABLE:
                     raise ApiError(502, f"encoder {backend.address}: {e.details()}") from None
                 tried.append(f"{backend.address} ({e.code().name})")
@@ -535,12 +602,18 @@ class Orchestrator:
                 continue
             finally:
                 backend.outstanding -= 1
+            seconds = time.monotonic() - t0
+            if isinstance(image, VideoChunk):
+                clip = reply.videos[0]
+                self.metrics.video_tokens.inc(clip.n_tokens)
+                return _Encoded(video_ref_from_encoded(clip), backend, seconds,
+                                clip.preprocess_seconds, clip.encode_seconds)  # fmt: skip
             out = reply.images[0]
             self.metrics.images.labels("hit" if out.cache_hit else "miss").inc()
-            return _Encoded(image_ref_from_encoded(out), backend, time.monotonic() - t0,
+            return _Encoded(image_ref_from_encoded(out), backend, seconds,
                             out.preprocess_seconds, out.encode_seconds)  # fmt: skip
         detail = "; ".join(tried) if tried else "no healthy encoder"
-        raise ApiError(503, f"image {index}: could not be encoded: {detail}", retry_after=1.0)
+        raise ApiError(503, f"{what}: could not be encoded: {detail}", retry_after=1.0)
 
     def _release(self, images: Sequence[_Encoded]) -> None:
         """Free handles that will not be pulled now, at their encoders (best effort, in the

@@ -35,11 +35,13 @@ def scatter_images(
     image_token_id: int,
     images: Sequence[torch.Tensor],
     num_deepstack: int,
+    video_token_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`text_embeds [T, H]` with image rows replaced, and `[T, D*H]` deepstack (None if no image).
 
-    `images` are the wire tensors in prompt order; their rows fill the image-pad positions in
-    order. Raises ValueError when widths or row counts disagree with the prompt.
+    `images` are the wire tensors (or a video's temporal patches) in prompt order; their rows
+    fill the image-pad and video-pad positions in order. Raises ValueError when widths or row
+    counts disagree with the prompt.
     """
     if not images:
         return text_embeds, None
@@ -50,6 +52,8 @@ def scatter_images(
             raise ValueError(f"image {i} has shape {tuple(img.shape)}, expected [n, {width}]")
     rows = torch.cat(list(images)).to(device=text_embeds.device, dtype=text_embeds.dtype)
     mask = input_ids == image_token_id  # [T]
+    if video_token_id is not None:
+        mask |= input_ids == video_token_id
     if int(mask.sum()) != rows.shape[0]:
         raise ValueError(
             f"prompt has {int(mask.sum())} image-pad tokens; the images have {rows.shape[0]} rows"

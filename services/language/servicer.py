@@ -32,17 +32,19 @@ from common.contract import (
     StructuredOutput,
     check_prompt,
 )
+from common.contract.videos import VideoRef
 from common.contract.wire import (
     finish_to_proto,
     image_ref_from_proto,
     replica_info_to_proto,
     sampling_from_proto,
     structured_from_proto,
+    video_ref_from_proto,
 )
 from common.rpc import language_pb2, language_pb2_grpc
 from common.transfer import Consumer, TransferError
 from common.transfer.handle import producer_of
-from services.language.engine.engine import Engine, ImageInput, TokenEvent
+from services.language.engine.engine import Engine, ImageInput, TokenEvent, in_prompt_order
 from services.language.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
@@ -75,29 +77,36 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         assert engine is not None
         cfg = engine.cfg
         merge = cfg.vision.spatial_merge_size if cfg.vision else 2
-        limits = PromptLimits(cfg.text.vocab_size, engine.max_model_len, cfg.image_token_id, merge)
+        limits = PromptLimits(cfg.text.vocab_size, engine.max_model_len, cfg.image_token_id, merge,
+                              cfg.video_token_id)  # fmt: skip
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)
             refs = [image_ref_from_proto(m, merge, i) for i, m in enumerate(request.images)]
-            spans = check_prompt(prompt, [r.n_tokens for r in refs], params, limits)
+            videos = [video_ref_from_proto(m, merge, i) for i, m in enumerate(request.videos)]
+            found = check_prompt(prompt, [r.n_tokens for r in refs], params, limits,
+                                 [v.patch_counts(merge) for v in videos])  # fmt: skip
             if params.structured is not None:
                 await self._compile(engine, params.structured)
         except ContractError as e:
             await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
         try:
-            reservation = engine.reserve(sum(r.handle.nbytes for r in refs))
+            nbytes = sum(r.handle.nbytes for r in refs) + sum(v.handle.nbytes for v in videos)
+            reservation = engine.reserve(nbytes)
         except QueueFull as e:
             fault = Fault(Cause.REPLICA, grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {e}")
             await fault.abort(context)
         started = time.monotonic()
         try:
-            images = await self._pull(refs, context, engine, deadline=self._deadline(context))
+            media: list[ImageRef | VideoRef] = [*refs, *videos]
+            pulled = await self._pull(media, context, engine, self._deadline(context))
         except BaseException:
             reservation.release()
             raise
         pull_s = time.monotonic() - started
         rid = request.request_id or None
+        images, spans = in_prompt_order([p[0] for p in pulled[: len(refs)]], found.images,
+                                        pulled[len(refs) :], found.videos)  # fmt: skip
         stream = engine.generate_batches(prompt, params, images, rid, reservation, spans)
         try:
             async for batch in stream:  # per sequence, one message for every step ready
@@ -152,20 +161,25 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
 
     async def _pull(
         self,
-        refs: list[ImageRef],
+        refs: list[ImageRef | VideoRef],
         context: grpc.aio.ServicerContext,
         engine: Engine,
         deadline: float,
-    ) -> list[ImageInput]:
-        """Every image's tensor, pulled concurrently; aborts the call with an image fault."""
+    ) -> list[list[ImageInput]]:
+        """Every image's and video's tensor, pulled concurrently (an image as one item, a video
+        as its temporal patches); aborts the call with an image fault (index: images first,
+        then videos)."""
 
-        def pull(ref: ImageRef) -> ImageInput:
-            return ImageInput.of(self.consumer.fetch(ref.handle, deadline=deadline), ref.grid)
+        def pull(ref: ImageRef | VideoRef) -> list[ImageInput]:
+            tensor = self.consumer.fetch(ref.handle, deadline=deadline)
+            if isinstance(ref, VideoRef):
+                return ImageInput.video_patches(tensor, ref.grid)
+            return [ImageInput.of(tensor, ref.grid)]
 
         results = await asyncio.gather(*(asyncio.to_thread(pull, r) for r in refs),
                                        return_exceptions=True)  # fmt: skip
         width = (1 + engine.cfg.num_deepstack) * engine.cfg.text.hidden_size
-        images: list[ImageInput] = []
+        images: list[list[ImageInput]] = []
         for i, (ref, r) in enumerate(zip(refs, results, strict=True)):
             producer = producer_of(ref.handle)
             if isinstance(r, TransferError):
@@ -173,11 +187,16 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
                 await Fault(Cause.IMAGE, r.code, message, i, producer, r.reason).abort(context)
             if isinstance(r, BaseException):
                 raise r
-            t = r.tensor
-            if not t.is_floating_point() or tuple(t.shape) != (ref.n_tokens, width):
+            dtype, rows = r[0].tensor.dtype, sum(p.tensor.shape[0] for p in r)
+            if (
+                not dtype.is_floating_point
+                or any(p.tensor.shape[1:] != (width,) for p in r)
+                or (rows != ref.n_tokens)
+            ):
                 message = (
-                    f"image {i}: its tensor from {producer} is {t.dtype} "
-                    f"{tuple(t.shape)}; expected a float tensor [{ref.n_tokens}, {width}]"
+                    f"image {i}: its tensor from {producer} is {dtype} with {rows} rows of "
+                    f"{tuple(r[0].tensor.shape[1:])}; expected a float tensor "
+                    f"[{ref.n_tokens}, {width}]"
                 )
                 await Fault(Cause.IMAGE, grpc.StatusCode.INVALID_ARGUMENT, message, i, producer,
                             "bad_tensor").abort(context)  # fmt: skip

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -55,8 +56,10 @@ def compose_binary() -> str:
     return str(binary)
 
 
-def run_tool(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+def run_tool(
+    argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
@@ -160,12 +163,14 @@ def edit(path: Path, old: str, new: str, count: int = 1) -> None:
 # --- compose -----------------------------------------------------------------------------------
 
 
-def compose_config(deploy: Path, files: list[str]) -> Doc:
-    """`docker compose config` by the real Compose v2 binary, as JSON (interpolated, merged)."""
+def compose_config(deploy: Path, files: list[str], settings: dict[str, str] | None = None) -> Doc:
+    """`docker compose config` by the real Compose v2 binary, as JSON (interpolated, merged),
+    with the EPD_* settings given here and no others (the caller's environment may have some)."""
     argv = [compose_binary()]
     for f in files:
         argv += ["-f", str(deploy / f)]
-    proc = run_tool([*argv, "config", "--format", "json"], cwd=deploy)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPD_")} | (settings or {})
+    proc = run_tool([*argv, "config", "--format", "json"], cwd=deploy, env=env)
     if proc.returncode != 0:
         raise RenderError(f"compose config {files}: {proc.stderr.strip()}")
     config: Doc = json.loads(proc.stdout)

@@ -121,3 +121,42 @@ def test_broken_copy_fails_wiring(deploy_copy: Path, old: str, new: str, expecte
     edit(deploy_copy / "compose.yaml", old, new)
     errors = "\n".join(wiring_errors(compose_config(deploy_copy, ["compose.yaml"])))
     assert expected in errors, errors
+
+
+def engine_errors(config: Doc) -> list[str]:
+    """What Docker Engine 20.10 (Debian 12's docker.io) cannot run, or a small host refuses."""
+    errors = []
+    for name, svc in config["services"].items():
+        if "start_interval" in svc.get("healthcheck", {}):
+            errors.append(f"{name}: healthcheck.start_interval needs Engine >= 25")
+        if svc.get("build"):
+            errors.append(f"{name}: `compose build` needs buildx >= 0.17; `make image` builds")
+    return errors
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_compose_runs_on_engine_20_10(variant: str) -> None:
+    errors = engine_errors(compose_config(DEPLOY, COMPOSE_VARIANTS[variant]))
+    assert not errors, "\n".join(errors)
+
+
+def test_broken_copy_fails_engine_check(deploy_copy: Path) -> None:
+    edit(deploy_copy / "compose.yaml", "      start_period: 2m\n",
+         "      start_period: 2m\n      start_interval: 5s\n")  # fmt: skip
+    errors = "\n".join(engine_errors(compose_config(deploy_copy, ["compose.yaml"])))
+    assert "gateway: healthcheck.start_interval" in errors, errors
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_cpu_limits_and_user_come_from_the_environment(variant: str) -> None:
+    # Unset: no CPU limit (Docker refuses a limit above the host's cores), the image's uid.
+    for svc in compose_config(DEPLOY, COMPOSE_VARIANTS[variant])["services"].values():
+        assert float(svc["deploy"]["resources"]["limits"].get("cpus", 0)) == 0
+        assert svc["user"] == "10001:10001"
+    settings = {"EPD_ENCODER_CPUS": "1.5", "EPD_LANGUAGE_CPUS": "2", "EPD_GATEWAY_CPUS": "0.5",
+                "EPD_USER": "1000:1000", "EPD_HEALTH_INTERVAL": "3s"}  # fmt: skip
+    services = compose_config(DEPLOY, COMPOSE_VARIANTS[variant], settings)["services"]
+    for name, cpus in (("encoder", 1.5), ("language", 2.0), ("gateway", 0.5)):
+        assert float(services[name]["deploy"]["resources"]["limits"]["cpus"]) == cpus, name
+        assert services[name]["user"] == "1000:1000"
+        assert services[name]["healthcheck"]["interval"] == "3s"

@@ -35,6 +35,16 @@ def design_errors(path: Path) -> list[str]:
         errors.append("/dev/shm use is not documented")
     if "torch==${TORCH_VERSION}" not in text:
         errors.append("torch must be installed first at an exact version")
+    # Offline build: everything comes from the wheelhouse, nothing from an index or the sources.
+    code = "\n".join(lines)
+    installs = re.findall(r"pip install[^&]*", code)
+    if not installs or any("--no-index" not in i for i in installs):
+        errors.append("every pip install must use --no-index (the build has no network)")
+    if re.search(r"^COPY (common|services|bench|pyproject)", code, re.M):
+        errors.append("the image installs the epd wheel, not a copy of the sources")
+    compiles = re.findall(r"compileall[^&]*", code)
+    if not compiles or "py312_intrinsics" not in compiles[0]:
+        errors.append("compileall must skip torch's Python 3.12 test file (exits 1 under 3.11)")
     return errors
 
 
@@ -52,13 +62,21 @@ def test_design() -> None:
     ("old", "new", "rule"),
     [
         ('"torch==${TORCH_VERSION}"', "torch", "DL3013"),  # unpinned pip install
-        ("WORKDIR /src", "RUN cd /src", "DL3003"),
+        ("WORKDIR /wheels", "RUN cd /wheels", "DL3003"),
         ("USER 10001:10001", "USER root", "DL3002"),
     ],
 )
 def test_broken_copy_fails_hadolint(deploy_copy: Path, old: str, new: str, rule: str) -> None:
     edit(deploy_copy / "Dockerfile", old, new)
     assert rule in hadolint(deploy_copy / "Dockerfile")
+
+
+def test_broken_copy_fails_offline_design(deploy_copy: Path) -> None:
+    edit(deploy_copy / "Dockerfile", "--no-index --no-deps ./app", "--no-deps ./app")
+    edit(deploy_copy / "Dockerfile", "|py312_intrinsics\\.py", "")
+    errors = "\n".join(design_errors(deploy_copy / "Dockerfile"))
+    for expected in ("--no-index", "3.12 test file"):
+        assert expected in errors, errors
 
 
 def test_broken_copy_fails_design(deploy_copy: Path) -> None:

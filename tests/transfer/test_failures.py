@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from common.transfer import (
     TransferError,
     TransferTimeoutError,
 )
+from common.transfer.backends.shm import PRUNE_INTERVAL_S
 from common.transfer.config import MIB
 from common.transfer.loopback import LoopbackProducer, make_tensor
 from common.transfer.shm_segment import sweep_stale
@@ -73,6 +75,27 @@ def test_shm_producer_killed(spawn: Spawn) -> None:
         assert time.monotonic() - start < 1.0
     # The dead producer could not unlink its segment; the next producer's sweep does.
     assert sweep_stale(handle.shm.segment) == [handle.shm.segment]
+
+
+def _mapped(segment: str) -> bool:
+    return any(segment in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_idle_consumer_unmaps_a_dead_producers_segment(spawn: Spawn) -> None:
+    # Without another fetch: a restarted producer sharing the tmpfs needs that memory back.
+    producer = spawn("shm", pool_mib=40)
+    handle = producer.publish(torch.float32, (2, 2))
+    with Consumer() as consumer:
+        consumer.fetch(handle)
+        segment = handle.shm.segment
+        assert _mapped(segment)
+        producer.signal(signal.SIGKILL)
+        producer.proc.wait()
+        end = time.monotonic() + 3 * PRUNE_INTERVAL_S + 2
+        while _mapped(segment) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not _mapped(segment), "the consumer still maps the dead producer's segment"
+    assert sweep_stale(segment) == [segment]
 
 
 @pytest.mark.parametrize("backend", ["nixl", "grpc"])

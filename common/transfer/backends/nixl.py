@@ -54,6 +54,11 @@ if "NIXL_LOG_LEVEL" not in os.environ:
 
 def _agent(role: str, config: TransferConfig) -> Any:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # UCX warns on stdout otherwise
+    # UCX has no per-agent transport setting through NIXL: it reads these from the environment.
+    if config.ucx_tls is not None:
+        os.environ["UCX_TLS"] = config.ucx_tls
+    if config.ucx_net_devices is not None:
+        os.environ["UCX_NET_DEVICES"] = config.ucx_net_devices
     # Unique per process instance, so a restarted producer is never confused with its old self.
     name = f"epd-{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     conf = nixl.nixl_agent_config(enable_prog_thread=config.nixl_progress_thread, backends=["UCX"])

@@ -2,6 +2,9 @@
 
 Reads are one-sided: a frozen producer cannot stall them (its data is already in the segment and
 the slot header proves it is still ours), and a dead one is detected through the segment's flock.
+A consumer drops its mapping of a dead producer's segment within a second, fetching or not: until
+it does, that pool stays allocated in /dev/shm, and a restarted encoder sharing the tmpfs found
+no room for its own (compose: ENOSPC, crash loop).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from common.transfer.host import host_id
 from common.transfer.memcopy import copy_bytes
 from common.transfer.pool import Slot
 from common.transfer.shm_segment import ShmSegment
+
+# How often a consumer looks for cached segments whose producer has died, in seconds.
+PRUNE_INTERVAL_S = 1.0
 
 
 class Exporter:
@@ -53,37 +59,54 @@ class Reader:
     def __init__(self, config: TransferConfig) -> None:
         self._segments: dict[str, ShmSegment] = {}  # one mapping per producer segment
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pruner = threading.Thread(target=self._prune_loop, name="epd-shm-prune", daemon=True)
+        self._pruner.start()
 
     def read(
         self, handle: tensor_pb2.TensorHandle, out: torch.Tensor, deadline: float, reused: bool
     ) -> None:
         loc = handle.shm
-        seg = self._segment(loc)
+        seg, memory = self._segment(loc)
         n = handle.nbytes
         if loc.data_offset + n > seg.size or loc.header_offset + header.HEADER_BYTES > seg.size:
             raise TensorSpecError(f"handle {handle.id} points outside segment {loc.segment}")
         if time.monotonic() > deadline:
             raise TransferTimeoutError(f"fetch of {handle.id}: deadline passed before the copy")
-        assert seg.tensor is not None
-        copy_bytes(out, seg.tensor[loc.data_offset : loc.data_offset + n])
-        check_header(handle, self._header(seg, loc.header_offset))
+        copy_bytes(out, memory[loc.data_offset : loc.data_offset + n])
+        check_header(handle, self._header(memory, loc.header_offset))
 
     def acknowledge(self, handle: tensor_pb2.TensorHandle, deadline: float) -> None:
         loc = handle.shm
-        seg = self._segment(loc)
-        assert seg.tensor is not None
-        if header.decode(self._header(seg, loc.header_offset))[0] == handle.id:
+        _, memory = self._segment(loc)
+        if header.decode(self._header(memory, loc.header_offset))[0] == handle.id:
             ack = header.encode(handle.id, header.STATE_ACKED)
-            view = seg.tensor[loc.header_offset : loc.header_offset + header.HEADER_USED]
+            view = memory[loc.header_offset : loc.header_offset + header.HEADER_USED]
             view.copy_(torch.frombuffer(bytearray(ack), dtype=torch.uint8))
 
     def close(self) -> None:
+        self._stop.set()
+        self._pruner.join()
         with self._lock:
             for seg in self._segments.values():
                 seg.close()
             self._segments.clear()
 
-    def _segment(self, loc: tensor_pb2.ShmLocation) -> ShmSegment:
+    def prune(self) -> list[str]:
+        """Unmap every cached segment whose producer has died; the names dropped."""
+        with self._lock:
+            dead = [name for name, seg in self._segments.items() if not seg.owner_alive()]
+            for name in dead:
+                self._segments.pop(name).close()
+        return dead
+
+    def _prune_loop(self) -> None:
+        while not self._stop.wait(PRUNE_INTERVAL_S):
+            self.prune()
+
+    def _segment(self, loc: tensor_pb2.ShmLocation) -> tuple[ShmSegment, torch.Tensor]:
+        """The segment and our own view of its memory: a prune may unmap the segment meanwhile,
+        and the mapping then lives until that view is gone."""
         if loc.host_id != host_id():
             raise WrongHostError(
                 f"shared-memory segment {loc.segment} lives on host {loc.host_id!r}, this is "
@@ -107,9 +130,9 @@ class Reader:
                 del self._segments[loc.segment]
                 seg.close()
                 raise ProducerLostError(f"producer of segment {loc.segment} has died")
-            return seg
+            assert seg.tensor is not None
+            return seg, seg.tensor
 
     @staticmethod
-    def _header(seg: ShmSegment, offset: int) -> bytes:
-        assert seg.tensor is not None
-        return seg.tensor[offset : offset + header.HEADER_USED].numpy().tobytes()
+    def _header(memory: torch.Tensor, offset: int) -> bytes:
+        return memory[offset : offset + header.HEADER_USED].numpy().tobytes()

@@ -15,6 +15,7 @@ import torch
 
 from common.config import ModelConfig
 from common.contract import SamplingParams
+from common.cores import CoreShare
 from common.dtypes import DTYPES
 from common.tokenizer import ChatTokenizer
 from common.torch_thread import add_threads_argument, set_torch_threads
@@ -52,6 +53,7 @@ class EngineConfig:
     # Image tensor bytes the engine holds at once for requests not yet finished.
     max_image_bytes_held: int = 2 << 30
     num_threads: int | None = None  # torch threads; None = torch's default (one per core)
+    share_cores: str | None = None  # PATH,SLOT,CORES of `epd up`'s core ledger (common.cores)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +149,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cuda_graphs=args.cuda_graphs,
         max_image_bytes_held=args.max_image_bytes_held,
         num_threads=args.num_threads,
+        share_cores=args.share_cores,
     )
 
 
@@ -179,8 +182,9 @@ def build_engine(cfg: EngineConfig, metrics: LanguageMetrics | None = None) -> E
     )  # fmt: skip
     eos = frozenset(ChatTokenizer(cfg.model).eos_token_ids or model_cfg.eos_token_ids)
     grammars = GrammarCompiler.from_model_dir(cfg.model, model_cfg.text.vocab_size, sorted(eos))
+    cores = CoreShare.from_spec(cfg.share_cores, set_torch_threads) if cfg.share_cores else None
     return Engine(model_cfg, runner, s, eos, metrics, max_len, cfg.max_image_bytes_held,
-                  grammars)  # fmt: skip
+                  grammars, cores)  # fmt: skip
 
 
 def _peak_forward(

@@ -36,13 +36,19 @@ import torch
 from common.config import ModelConfig
 from common.contract import ContractError, FinishReason, SamplingParams, image_pad_runs
 from common.contract.sampling import MAX_SEED
+from common.cores import CoreShare
 from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
 from services.language.engine.grammar import GrammarCompiler
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.request import ImageSpan, Request
 from services.language.engine.sampler import Sample
-from services.language.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from services.language.engine.scheduler import (
+    QueueFull,
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+)
 from services.language.inputs import image_identity
 from services.language.metrics import LanguageMetrics
 
@@ -61,6 +67,30 @@ class ImageInput:
     def of(cls, tensor: torch.Tensor, grid_thw: Sequence[int]) -> ImageInput:
         grid = (int(grid_thw[0]), int(grid_thw[1]), int(grid_thw[2]))
         return cls(tensor, grid, image_identity(tensor, grid))
+
+    @classmethod
+    def video_patches(cls, tensor: torch.Tensor, grid_thw: Sequence[int]) -> list[ImageInput]:
+        """A video chunk's wire tensor `[t*h*w/m^2, (1 + D) * H]` as t items of grid (1, h, w),
+        one per temporal patch: each is its own run of video-pad tokens, M-RoPE span and
+        prefix-cache identity (row views, no copy)."""
+        t, h, w = (int(g) for g in grid_thw)
+        rows = tensor.shape[0] // t
+        return [cls.of(tensor[i * rows : (i + 1) * rows], (1, h, w)) for i in range(t)]
+
+
+def in_prompt_order(
+    images: Sequence[ImageInput],
+    image_spans: Sequence[tuple[int, int]],
+    videos: Sequence[Sequence[ImageInput]],
+    video_spans: Sequence[Sequence[tuple[int, int]]],
+) -> tuple[list[ImageInput], list[tuple[int, int]]]:
+    """Images and videos' temporal patches as one list ordered by where they sit in the prompt
+    (what `Engine.generate` takes), with their spans."""
+    items = list(zip(image_spans, images, strict=True))
+    for patches, spans in zip(videos, video_spans, strict=True):
+        items += zip(spans, patches, strict=True)
+    items.sort(key=lambda item: item[0][0])
+    return [i for _, i in items], [s for s, _ in items]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +146,12 @@ class Engine:
         max_model_len: int | None = None,
         max_image_bytes: int = 2 << 30,
         grammars: GrammarCompiler | None = None,
+        cores: CoreShare | None = None,
     ) -> None:
         """`max_model_len`: tokens one sequence may hold (default: the checkpoint's context,
         capped by what the KV cache holds); `max_image_bytes`: image tensor bytes held at once;
-        `grammars`: compiles structured-output constraints (None: requests with one fail)."""
+        `grammars`: compiles structured-output constraints (None: requests with one fail);
+        `cores`: the host's cores shared with other roles, claimed per step (`common.cores`)."""
         self.cfg, self.runner = cfg, runner
         self.max_model_len = max_model_len or min(
             cfg.text.max_position_embeddings, runner.capacity_tokens
@@ -135,6 +167,7 @@ class Engine:
         self.metrics = metrics or LanguageMetrics()
         self.max_image_bytes = max_image_bytes
         self.grammars = grammars
+        self.cores = cores
         self._reserved_slots = 0
         self._held_image_bytes = 0
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
@@ -320,7 +353,7 @@ class Engine:
                 await asyncio.sleep(0.001)
                 continue
             try:
-                samples = await run_on_torch_thread(self.runner.run, chunks)
+                samples = await run_on_torch_thread(self._step, chunks)
             except Exception:  # a failed forward must not take the service down
                 log.exception("forward failed; ending the %d requests of this step", len(chunks))
                 for c in chunks:
@@ -329,6 +362,13 @@ class Engine:
             tokens = {rid: s.token for rid, s in samples.items()}
             for req, _, reason in self.scheduler.postprocess(chunks, tokens):
                 self._emit(req, samples[req.id], reason)
+
+    def _step(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
+        """One forward, on the torch thread, with the cores it may use."""
+        if self.cores is None:
+            return self.runner.run(chunks)
+        with self.cores.forward():
+            return self.runner.run(chunks)
 
     def _emit(self, req: Request, sample: Sample, reason: FinishReason | None) -> None:
         now = time.monotonic()

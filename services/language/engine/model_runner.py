@@ -96,13 +96,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prepare(self, req: Request, images: list[torch.Tensor], grids: list[tuple]) -> None:
-        """Build `req.payload` from its prompt ids and its images' wire tensors (prompt order)."""
+        """Build `req.payload` from its prompt ids and its images' wire tensors (prompt order;
+        a video as one (1, h, w) item per temporal patch)."""
         merge = self.cfg.vision.spatial_merge_size if self.cfg.vision else 2
         image_token = self.cfg.image_token_id if self.cfg.image_token_id is not None else -1
-        positions, delta = mrope_positions(req.prompt_ids, image_token, grids, merge)
+        video = self.cfg.video_token_id  # a video arrives as its temporal patches, in order
+        positions, delta = mrope_positions(req.prompt_ids, image_token, grids, merge, video)
         ids = torch.tensor(req.prompt_ids, device=self.device)
         embeds, deepstack = scatter_images(
-            self.model.embed(ids), ids, image_token, images, self.cfg.num_deepstack
+            self.model.embed(ids), ids, image_token, images, self.cfg.num_deepstack, video
         )
         req.payload = PromptInputs(
             embeds, deepstack, positions.to(self.device), delta,

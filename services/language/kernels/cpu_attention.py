@@ -36,7 +36,9 @@ class CpuAttention:
     ) -> torch.Tensor:
         assert isinstance(meta, torch_ref.PagedMeta)  # built by prepare
         module = extension()
-        if module is None or meta.decode_rows is None:
+        hq, hd = q.shape[1], q.shape[2]
+        fits = hd % 16 == 0 and hd <= 256 and hq // k_cache.shape[1] <= 16
+        if module is None or meta.decode_rows is None or not fits:
             return torch_ref.paged_attention(q, k_cache, v_cache, meta, scale)
         assert meta.decode_slots is not None and meta.decode_lens is not None
         prefill_only = torch_ref.PagedMeta(None, None, None, meta.prefill)

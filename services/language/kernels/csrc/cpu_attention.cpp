@@ -7,12 +7,14 @@
 //   lens     [B] int64          tokens of each sequence, the new one included
 //   -> out   [B, Hq, hd]
 //
-// Work items are (sequence, KV head): the Hq/Hkv query heads that share a KV head read each key
-// and value once. Keys are taken in blocks of 32 tokens: the block's scores for every query head,
-// then an online-softmax update of fp32 accumulators, so a long context never needs a buffer.
+// Work items are (sequence, KV head): the g = Hq/Hkv query heads that share a KV head read each
+// key and value once. Keys come in blocks of 16 tokens: the block's scores for every query head
+// (AVX-512 dot products), an online-softmax update of fp32 accumulators with a vectorised exp,
+// then the values; a long context never needs a buffer. hd must be a multiple of 16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <immintrin.h>
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
@@ -21,68 +23,103 @@
 
 namespace {
 
-inline float as_f(float v) { return v; }
-inline float as_f(c10::BFloat16 v) { return static_cast<float>(v); }
+using bf16 = c10::BFloat16;
 
-constexpr int TB = 32;  // tokens per block
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {
+  // Round to nearest even, as torch's float -> bfloat16 conversion does.
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into 2^n * 2^f, a
+// degree-6 polynomial for 2^f on [-0.5, 0.5] (relative error < 2e-7), -inf -> 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)),
+                                 _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int TB = 16;     // tokens per block: one zmm of scores per query head
+constexpr int MAX_G = 16;  // query heads per KV head
+constexpr int MAX_D = 16;  // hd / 16
 
 template <typename T>
 void decode_impl(const T* q, const T* k, const T* v, const int64_t* slots, const int64_t* lens,
                  T* out, int B, int Hq, int Hkv, int hd, int L, float scale) {
-  const int g = Hq / Hkv;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    std::vector<float> qf(g * hd), acc(g * hd), s(g * TB), m(g), l(g), kf(TB * hd), vf(hd);
-#pragma omp for schedule(dynamic, 1)
-    for (int item = 0; item < B * Hkv; ++item) {
-      const int b = item / Hkv, h = item % Hkv;
-      const int n = static_cast<int>(lens[b]);
-      for (int i = 0; i < g; ++i) {
-        const T* qp = q + ((int64_t)b * Hq + h * g + i) * hd;
-        for (int d = 0; d < hd; ++d) qf[i * hd + d] = as_f(qp[d]) * scale;
+  const int g = Hq / Hkv, nd = hd / 16;
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(dynamic, 1)
+  for (int item = 0; item < B * Hkv; ++item) {
+    const int b = item / Hkv, h = item % Hkv;
+    const int n = static_cast<int>(lens[b]);
+    const int64_t* srow = slots + (int64_t)b * L;
+    __m512 qv[MAX_G][MAX_D], acc[MAX_G][MAX_D];
+    float m[MAX_G], l[MAX_G];
+    alignas(64) float s[MAX_G][TB];
+    for (int i = 0; i < g; ++i) {
+      const T* qp = q + ((int64_t)b * Hq + h * g + i) * hd;
+      for (int c = 0; c < nd; ++c) {
+        qv[i][c] = _mm512_mul_ps(load16(qp + 16 * c), _mm512_set1_ps(scale));
+        acc[i][c] = _mm512_setzero_ps();
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      for (int t0 = 0; t0 < n; t0 += TB) {
-        const int tb = std::min(TB, n - t0);
-        for (int j = 0; j < tb; ++j) {
-          const T* kp = k + (slots[(int64_t)b * L + t0 + j] * Hkv + h) * hd;
-          for (int d = 0; d < hd; ++d) kf[j * hd + d] = as_f(kp[d]);
-        }
+      m[i] = -std::numeric_limits<float>::infinity();
+      l[i] = 0.f;
+    }
+    for (int t0 = 0; t0 < n; t0 += TB) {
+      const int tb = std::min(TB, n - t0);
+      for (int j = 0; j < tb; ++j) {
+        const T* kp = k + (srow[t0 + j] * Hkv + h) * hd;
+        __m512 kc[MAX_D];
+        for (int c = 0; c < nd; ++c) kc[c] = load16(kp + 16 * c);
         for (int i = 0; i < g; ++i) {
-          float block_max = m[i];
-          for (int j = 0; j < tb; ++j) {
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < hd; ++d) dot += qf[i * hd + d] * kf[j * hd + d];
-            s[i * TB + j] = dot;
-            block_max = std::max(block_max, dot);
-          }
-          const float corr = std::exp(m[i] - block_max);  // 0 on the first block
-          l[i] *= corr;
-          for (int d = 0; d < hd; ++d) acc[i * hd + d] *= corr;
-          m[i] = block_max;
-          for (int j = 0; j < tb; ++j) {
-            s[i * TB + j] = std::exp(s[i * TB + j] - block_max);
-            l[i] += s[i * TB + j];
-          }
-        }
-        for (int j = 0; j < tb; ++j) {
-          const T* vp = v + (slots[(int64_t)b * L + t0 + j] * Hkv + h) * hd;
-          for (int d = 0; d < hd; ++d) vf[d] = as_f(vp[d]);
-          for (int i = 0; i < g; ++i) {
-            const float p = s[i * TB + j];
-#pragma omp simd
-            for (int d = 0; d < hd; ++d) acc[i * hd + d] += p * vf[d];
-          }
+          __m512 d = _mm512_mul_ps(qv[i][0], kc[0]);
+          for (int c = 1; c < nd; ++c) d = _mm512_fmadd_ps(qv[i][c], kc[c], d);
+          s[i][j] = _mm512_reduce_add_ps(d);
         }
       }
+      const __mmask16 live = static_cast<__mmask16>((1u << tb) - 1);
       for (int i = 0; i < g; ++i) {
-        T* op = out + ((int64_t)b * Hq + h * g + i) * hd;
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        for (int d = 0; d < hd; ++d) op[d] = static_cast<T>(acc[i * hd + d] * inv);
+        const __m512 sc = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, s[i]);
+        const float new_m = std::max(m[i], _mm512_reduce_max_ps(sc));
+        const float corr = std::exp(m[i] - new_m);  // 0 on the first block
+        const __m512 p = exp16(_mm512_sub_ps(sc, _mm512_set1_ps(new_m)));
+        l[i] = l[i] * corr + _mm512_reduce_add_ps(p);
+        m[i] = new_m;
+        _mm512_store_ps(s[i], p);
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int c = 0; c < nd; ++c) acc[i][c] = _mm512_mul_ps(acc[i][c], cv);
       }
+      for (int j = 0; j < tb; ++j) {
+        const T* vp = v + (srow[t0 + j] * Hkv + h) * hd;
+        __m512 vc[MAX_D];
+        for (int c = 0; c < nd; ++c) vc[c] = load16(vp + 16 * c);
+        for (int i = 0; i < g; ++i) {
+          const __m512 pj = _mm512_set1_ps(s[i][j]);
+          for (int c = 0; c < nd; ++c) acc[i][c] = _mm512_fmadd_ps(pj, vc[c], acc[i][c]);
+        }
+      }
+    }
+    for (int i = 0; i < g; ++i) {
+      T* op = out + ((int64_t)b * Hq + h * g + i) * hd;
+      const __m512 inv = _mm512_set1_ps(l[i] > 0.f ? 1.f / l[i] : 0.f);
+      for (int c = 0; c < nd; ++c) store16(op + 16 * c, _mm512_mul_ps(acc[i][c], inv));
     }
   }
 }
@@ -97,6 +134,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               "q, k and v share a dtype");
   const int B = q.size(0), Hq = q.size(1), hd = q.size(2), Hkv = k.size(1);
   TORCH_CHECK(Hq % Hkv == 0 && k.size(2) == hd, "GQA shapes");
+  TORCH_CHECK(hd % 16 == 0 && hd / 16 <= MAX_D && Hq / Hkv <= MAX_G,
+              "head_dim a multiple of 16 up to 256, at most 16 query heads per KV head");
   auto qc = q.contiguous();
   auto sl = slots.to(torch::kInt64).contiguous();
   auto ln = lens.to(torch::kInt64).contiguous();
@@ -109,10 +148,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                        Hq, Hkv, hd, L, static_cast<float>(scale));
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "fp32 or bf16");
-    using bf = c10::BFloat16;
-    decode_impl<bf>(qc.data_ptr<bf>(), k.data_ptr<bf>(), v.data_ptr<bf>(),
-                    sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), out.data_ptr<bf>(), B, Hq,
-                    Hkv, hd, L, static_cast<float>(scale));
+    decode_impl<bf16>(qc.data_ptr<bf16>(), k.data_ptr<bf16>(), v.data_ptr<bf16>(),
+                      sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), out.data_ptr<bf16>(), B,
+                      Hq, Hkv, hd, L, static_cast<float>(scale));
   }
   return out;
 }

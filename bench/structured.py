@@ -24,7 +24,7 @@ import torch
 from bench.openai_load import WORDS
 from common.contract import SamplingParams, StructuredOutput
 from common.tokenizer import ChatTokenizer
-from common.torch_thread import set_torch_threads
+from common.torch_thread import call_on_torch_thread, set_torch_threads
 from services.language.engine.builder import EngineConfig, build_engine
 from services.language.engine.engine import Engine
 from services.language.engine.grammar import GrammarConstraint, apply_bitmask, fill_bitmasks
@@ -54,8 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    set_torch_threads(args.threads)
-    report = measure(args)
+    # Everything on the process's torch thread, as the engine runs it: a forward on a second
+    # thread would get a second OpenMP team beside the one warm-up started.
+    call_on_torch_thread(set_torch_threads, args.threads)
+    report = call_on_torch_thread(measure, args)
     if args.json:
         print(json.dumps(report))
     else:

@@ -34,3 +34,13 @@ def test_bad_specs_are_refused(tmp_path):
     for spec in (f"{ledger},2,4", f"{ledger},0,0", f"{ledger}", f"{tmp_path}/none,0,2"):
         with pytest.raises(ValueError, match="--share-cores"):
             CoreShare.from_spec(spec, lambda n: None)
+
+
+def test_sharing_roles_wait_passively_unless_the_environment_says_otherwise():
+    from services.up import omp_environment
+
+    assert omp_environment("share", {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert omp_environment("split", {"PATH": "/bin"}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert omp_environment("none", {}) == {}  # torch's defaults, as the policy says
+    assert omp_environment("share", {"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert omp_environment("share", {"GOMP_SPINCOUNT": "10000"}) == {}

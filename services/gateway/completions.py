@@ -22,6 +22,7 @@ from services.gateway.openai_protocol import (
     _is_int,
     _stop,
     check_unsupported,
+    include_usage_from_body,
     sampling_from_body,
     structured_from_body,
 )
@@ -61,12 +62,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise ApiError(400, f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}]",
                        "logprobs")  # fmt: skip
     stream = _bool(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options")
-    include_usage = _bool(options or {}, "include_usage", "stream_options.include_usage")
-    if options and not stream:
-        raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options")
+    include_usage = include_usage_from_body(body, stream)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(400, "user must be a string", "user")
     body = {"max_tokens": 16, **body} if body.get("max_tokens") is None else body  # OpenAI's

@@ -163,12 +163,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         raise ApiError(400, "top_logprobs must be an integer in [0, 20]", "top_logprobs")
     if top and not logprobs:
         raise ApiError(400, "top_logprobs requires logprobs=true", "top_logprobs")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options")
-    include_usage = _bool(options or {}, "include_usage", "stream_options.include_usage")
-    if options and not stream:
-        raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options")
+    include_usage = include_usage_from_body(body, stream)
     for name in ("user", "prompt_cache_key", "safety_identifier", "service_tier"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise ApiError(400, f"{name} must be a string", name)
@@ -190,6 +185,17 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         video_fps=video_fps,
         video_max_frames=video_max_frames,
     )
+
+
+def include_usage_from_body(body: dict[str, Any], stream: bool) -> bool:
+    """`stream_options.include_usage` (only with stream=true, as OpenAI has it)."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    include_usage = _bool(options or {}, "include_usage", "stream_options.include_usage")
+    if options and not stream:
+        raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options")
+    return include_usage
 
 
 def check_unsupported(body: dict[str, Any]) -> None:

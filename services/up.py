@@ -194,7 +194,7 @@ class Stack:
         return ["--share-cores", f"{self._ledger},{slot},{cores}"]
 
     def _add(self, name: str, role: str, log_dir: Path, port: int, argv: list[str]) -> None:
-        env = omp_environment(self.cfg.threads, os.environ) if role != "gateway" else {}
+        env = omp_environment(role, self.cfg.threads, os.environ)
         child = Child(name, role, argv, log_dir / f"{name}.log", f"127.0.0.1:{port}", env=env)
         child.spawn()
         self.children.append(child)
@@ -275,18 +275,22 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def omp_environment(threads: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """OpenMP settings of a torch role that shares the host's cores with the others.
+def omp_environment(role: str, threads: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """OpenMP settings of a role that shares the host's cores with the others.
 
     libgomp's threads spin for a while after every parallel region (GOMP_SPINCOUNT, 300,000
-    pauses by default) before they sleep. A role alone on its cores gains from that; roles
-    sharing them lose: the encoder's team spins after each tower forward on the cores the
-    language service is decoding on, and under any other load a spinning team waits on its own
-    preempted thread at every barrier. Measured on 2 cores (`epd up`, small checkpoint, image
-    requests at concurrency 8): 26-156 tok/s with the default, 144-184 with passive waiting in
-    both roles; one step alone on an idle machine is 25-40% slower passive (bench-step). So
-    sharing roles wait passively, unless the environment already says how to wait."""
-    if threads == "none" or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+    pauses by default) before they sleep. That suits the language service, whose steps run
+    hundreds of regions back to back; the encoder's forwards come one at a time, and its team
+    spinning after each one takes the cores the language service is decoding on. Measured on 2
+    cores (`epd up`, small checkpoint, concurrency 8, two runs each): both roles spinning 148
+    tok/s with images, 542 text only; both passive 176-182 / 388-422; the encoder passive and
+    the language service spinning 190-200 / 527-530. So the encoder waits passively, unless
+    the environment already says how to wait. (Under other load on the same cores a spinning
+    team can be 10x slower, waiting on its own preempted threads: there, set
+    OMP_WAIT_POLICY=PASSIVE, which `epd up` then passes to every role.)"""
+    if role != "encoder" or threads == "none":
+        return {}
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -332,8 +336,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the roles use the cores: share = every forward takes the cores no other role "
         "is using (a role alone gets all of them, busy roles never oversubscribe them); split = "
         "half to the language service, half to the encoders, fixed (with share and split the "
-        "roles' OpenMP threads wait passively, OMP_WAIT_POLICY=PASSIVE, unless the environment "
-        "sets OMP_WAIT_POLICY or GOMP_SPINCOUNT); none = torch's default",
+        "encoders' OpenMP threads wait passively, OMP_WAIT_POLICY=PASSIVE, unless the "
+        "environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT); none = torch's default",
     )
 
 

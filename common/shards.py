@@ -32,7 +32,7 @@ class Shard:
 
     def full_shape(self, local: tuple[int, ...]) -> tuple[int, ...]:
         """The whole tensor's shape, given this part's."""
-        return local[: self.dim] + (self.full,) + local[self.dim + 1 :]
+        return (*local[: self.dim], self.full, *local[self.dim + 1 :])
 
     def pieces(self, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
         """The ranges mapped onto a dimension stored as consecutive pieces of `sizes` (a

@@ -1,8 +1,9 @@
 """Build the decoder of a checkpoint and load its language half into it.
 
 Vision-language checkpoints keep the decoder under `model.language_model.*`; plain text
-checkpoints under `model.*`. `lm_head.weight` may be absent when embeddings are tied. A tensor-parallel rank builds its own
-part of the decoder (`parallel.layers.shard_decoder`) and reads only that part of each tensor.
+checkpoints under `model.*`. `lm_head.weight` may be absent when embeddings are tied. A
+tensor-parallel rank builds its own part of the decoder (`parallel.layers.shard_decoder`) and
+reads only that part of each tensor.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +191,7 @@ class Engine:
         self._wake = asyncio.Event()  # bound to the loop that runs the engine
         self._task = asyncio.create_task(self._loop(), name="epd-engine-loop")
         loop = asyncio.get_running_loop()
-        self.runner.watch(lambda reason: loop.call_soon_threadsafe(self.fail, reason))
+        self.runner.watch(lambda reason: _call_soon(loop, self.fail, reason))
 
     def fail(self, reason: str) -> None:
         """The engine cannot run forwards any more: end every request (its stream raises
@@ -471,6 +471,11 @@ class Engine:
         m.prefix_hit_tokens.inc(hits - self._seen[0])
         m.preemptions.inc(preemptions - self._seen[1])
         self._seen = (hits, preemptions)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[str], None], arg: str) -> None:
+    """`fn(arg)` on `loop`, from another thread."""
+    loop.call_soon_threadsafe(fn, arg)
 
 
 def sibling_seed(seed: int | None, index: int) -> int | None:

@@ -22,8 +22,8 @@ def backend_for(device: torch.device) -> str:
 
 def master_store(world: int, timeout_s: float) -> dist.TCPStore:
     """Rank 0's rendezvous store; its `.port` goes to the workers."""
-    return dist.TCPStore(HOST, 0, world, is_master=True,
-                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)  # fmt: skip
+    timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.TCPStore(HOST, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
 
 
 class Comm:

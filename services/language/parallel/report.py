@@ -33,5 +33,7 @@ def peak_rss_bytes() -> int:
 
 def log_ranks(ranks: list[RankMemory]) -> None:
     for r in sorted(ranks, key=lambda r: r.rank):
-        log.info("rank %d: weights %.1f MiB, peak RSS %.1f MiB, device %.1f MiB", r.rank,
-                 r.weight_bytes / 2**20, r.peak_rss_bytes / 2**20, r.device_bytes / 2**20)  # fmt: skip
+        log.info(
+            "rank %d: weights %.1f MiB, peak RSS %.1f MiB, device %.1f MiB",
+            r.rank, r.weight_bytes / 2**20, r.peak_rss_bytes / 2**20, r.device_bytes / 2**20,
+        )  # fmt: skip

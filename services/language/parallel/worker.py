@@ -14,6 +14,7 @@ the parent dies: PR_SET_PDEATHSIG) ends the worker, so none outlives its replica
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -62,9 +63,11 @@ def rank_device(device: str, rank: int) -> torch.device:
 def main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
     """The worker process's entry point; exits 0 after "stop", 1 on any failure."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: rank 0 stops us
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the process group: rank 0 stops us
+    fmt = f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt)
     try:
         _serve(spec, rank, conn)
     except EOFError:
@@ -104,8 +107,8 @@ def _serve(spec: WorkerSpec, rank: int, conn: Connection) -> None:
                                 t.head_dim, dtype, device)  # fmt: skip
         elif msg[0] == "profile":
             _, utilization, tokens, logits = msg
-            run = lambda: peak_forward(model, t, tokens, logits, plan.local_kv_heads, dtype,  # noqa: E731
-                                       device)  # fmt: skip
+            run = functools.partial(peak_forward, model, t, tokens, logits,
+                                    plan.local_kv_heads, dtype, device)  # fmt: skip
             conn.send(("profile", profile_kv_bytes(device, utilization, run)))
         elif msg[0] == "stop":
             comm.close()

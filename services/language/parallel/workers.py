@@ -14,6 +14,7 @@ replica: it cannot run a forward without all its ranks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import threading
@@ -47,6 +48,8 @@ class Workers:
     ) -> None:
         self.procs, self.conns, self.comm, self.cfg = procs, conns, comm, cfg
         self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._on_lost: Callable[[str], None] = lambda reason: None
 
     @classmethod
     def start(
@@ -120,16 +123,24 @@ class Workers:
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
         """Call `on_lost(reason)` (from a thread of its own) as soon as a worker exits, unless
-        `close` was called first."""
+        `close` was called first. A later call replaces the callback (an engine started again
+        on another event loop)."""
+        self._on_lost = on_lost
+        if self._watcher is not None:
+            return
 
         def run() -> None:
             sentinels = [p.sentinel for p in self.procs]
             while not self._closing.is_set():
                 if wait(sentinels, timeout=0.5) and not self._closing.is_set():
-                    on_lost(self.lost() or "a worker exited")
+                    try:
+                        self._on_lost(self.lost() or "a worker exited")
+                    except RuntimeError:  # that event loop is closed: nobody to tell
+                        log.warning("%s, with no engine running", self.lost())
                     return
 
-        threading.Thread(target=run, name="epd-tp-watch", daemon=True).start()
+        self._watcher = threading.Thread(target=run, name="epd-tp-watch", daemon=True)
+        self._watcher.start()
 
     def kill(self) -> None:
         """Failure path: end the workers now (a collective of ours still waiting on them then
@@ -142,10 +153,8 @@ class Workers:
         group. Call from the torch thread, with no forward in flight."""
         self._closing.set()
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError):  # already gone
                 conn.send(("stop",))
-            except OSError:
-                pass  # already gone
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))

@@ -132,7 +132,11 @@ class Workers:
         def run() -> None:
             sentinels = [p.sentinel for p in self.procs]
             while not self._closing.is_set():
-                if wait(sentinels, timeout=0.5) and not self._closing.is_set():
+                ready = wait(sentinels, timeout=0.5)
+                if ready and not self._closing.is_set():
+                    for p in self.procs:  # its pipe closes before it can be reaped: wait
+                        if p.sentinel in ready:
+                            p.join(1.0)
                     try:
                         self._on_lost(self.lost() or "a worker exited")
                     except RuntimeError:  # that event loop is closed: nobody to tell

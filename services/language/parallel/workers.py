@@ -48,6 +48,7 @@ class Workers:
     ) -> None:
         self.procs, self.conns, self.comm, self.cfg = procs, conns, comm, cfg
         self._closing = threading.Event()
+        self.reports: list[RankMemory] = []  # ranks 1..N-1, once loaded
         self._watcher: threading.Thread | None = None
         self._on_lost: Callable[[str], None] = lambda reason: None
 
@@ -82,8 +83,8 @@ class Workers:
 
     def loaded(self) -> list[RankMemory]:
         """After rank 0 loaded its own part: every worker's report once it has loaded."""
-        reports: list[RankMemory] = self._expect_all("loaded", self.cfg.startup_timeout_s)
-        return reports
+        self.reports = self._expect_all("loaded", self.cfg.startup_timeout_s)
+        return self.reports
 
     def _expect_all(self, kind: str, timeout_s: float) -> list[Any]:
         return expect_all(self.procs, self.conns, kind, timeout_s)

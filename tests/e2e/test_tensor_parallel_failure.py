@@ -88,3 +88,19 @@ def test_a_lost_worker_fails_the_request_and_the_replica(tiny_model, tp, sig, ex
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_workers_exit_with_a_killed_rank_0(tiny_model):
+    """SIGKILL of the service itself (no stop, no pipe message): its workers die with it."""
+    proc, _, pids, _ = start_tp_language(tiny_model, 2)
+    try:
+        proc.kill()
+        proc.wait()
+        end = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not [p for p in pids if alive(p)], "a worker outlived rank 0"
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)

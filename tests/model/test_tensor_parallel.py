@@ -17,7 +17,7 @@ from services.colocated import ColocatedPipeline
 from services.language.engine.builder import EngineConfig, build_engine
 from services.language.engine.scheduler import SchedulerConfig
 from services.language.parallel.config import ParallelConfig
-from tests.model.test_engine import build_requests, run_all
+from tests.model.test_engine import PROMPTS, build_requests, run_all
 
 MAX_BATCH_TOKENS = 32  # below every image prompt's length: those are prefilled in chunks
 MARGIN = 1e-3
@@ -71,3 +71,24 @@ def test_tensor_parallel_engine_matches_transformers(tiny_model, oracle, png, tp
     assert engine.blocks.hit_tokens_total > 0
     assert engine.blocks.num_used == 0
     assert all(p.exitcode == 0 for p in procs)  # stopped by close, none left behind
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_dense_vl", "tiny_text_moe"])
+def test_dense_mlp_and_text_only_decoders_split_too(request, oracle, png, checkpoint):
+    """Qwen3-VL's dense MLP (gate/up rows, down columns per rank) and a plain Qwen3-MoE text
+    checkpoint (`model.*` keys, no vision)."""
+    model_dir = request.getfixturevalue(checkpoint)
+    pipe = ColocatedPipeline(model_dir)
+    if pipe.vision is not None:
+        reqs = build_requests(pipe, png, 4, seed=3)
+    else:
+        reqs = [(pipe.prompt_ids(p, 0, []), [], 10, [], p) for p in PROMPTS]
+    engine = tp_engine(model_dir, 2, False)
+    try:
+        results = asyncio.run(run_all(engine, reqs))
+    finally:
+        call_on_torch_thread(engine.close)
+    hf = oracle(model_dir)
+    for (tokens, _), (_, _, max_tokens, raw, prompt) in zip(results, reqs, strict=True):
+        assert_greedy_matches(hf, raw, prompt, tokens, hf.generate(hf.inputs(raw, prompt),
+                                                                   max_tokens))  # fmt: skip

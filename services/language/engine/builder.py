@@ -79,8 +79,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-bytes",
         type=int,
         default=None,
-        help="bytes of KV cache to preallocate (default: 1 GiB on CPU; on CUDA, sized from "
-        "--gpu-memory-utilization); wins over --gpu-memory-utilization",
+        help="bytes of KV cache to preallocate, per rank with --tensor-parallel-size (default: "
+        "1 GiB on CPU; on CUDA, sized from --gpu-memory-utilization); wins over "
+        "--gpu-memory-utilization",
     )
     g.add_argument(
         "--gpu-memory-utilization",

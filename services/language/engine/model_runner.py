@@ -80,6 +80,8 @@ class ModelRunner:
         )
         # Graph replay would skip the workers' announcement: tensor-parallel steps run eager.
         use_graphs = graphs_enabled(cuda_graphs, self.device) and workers is None
+        if workers is not None and graphs_enabled(cuda_graphs, self.device):
+            log.info("CUDA graphs off: tensor-parallel steps run eager")
         total_blocks = kv_cache_bytes // per_block
         # Blocks the block manager hands out; with graphs the last one pads graph batches.
         self.num_blocks = total_blocks - 1 if use_graphs else total_blocks

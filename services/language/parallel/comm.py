@@ -43,6 +43,8 @@ class Comm:
             assert port is not None
             store = dist.TCPStore(HOST, port, world, is_master=False,
                                   timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world, self.device = rank, world, device
         dist.init_process_group(
             backend_for(device), store=store, rank=rank, world_size=world,

@@ -32,6 +32,12 @@ import grpc
 
 from common.cores import create_ledger
 from common.grpc_bootstrap import health_check
+from services.language.parallel.config import (
+    ParallelConfig,
+    add_parallel_arguments,
+    parallel_arguments,
+    parallel_config_from_args,
+)
 
 log = logging.getLogger("epd.up")
 
@@ -57,9 +63,8 @@ class StackConfig:
     # cores no other role holds (common.cores), "split" = a fixed share each (`thread_budget`),
     # "none" = torch's default everywhere (one thread per core each: busy roles oversubscribe).
     threads: str = "share"
-    # The language service's --tensor-parallel-size and --enable-expert-parallel.
-    tensor_parallel_size: int = 1
-    enable_expert_parallel: bool = False
+    # The language service's --tensor-parallel-size, --enable-expert-parallel, timeout.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.threads not in THREAD_POLICIES:
@@ -149,8 +154,7 @@ class Stack:
         self._add("language", "language", log_dir, lang_port, [
             *common, "--port", str(lang_port), "--dtype", self.cfg.dtype,
             "--kv-cache-bytes", str(self.cfg.kv_cache_bytes),
-            "--tensor-parallel-size", str(self.cfg.tensor_parallel_size),
-            *(["--enable-expert-parallel"] if self.cfg.enable_expert_parallel else []),
+            *parallel_arguments(self.cfg.parallel),
             *self._threads(lang_threads, self.cfg.encoders, cores, self.cfg.extra_language_args),
             *self.cfg.extra_language_args,
         ])  # fmt: skip
@@ -312,18 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["qwen3"],
         help="the gateway's --reasoning-parser: <think>...</think> as reasoning_content",
     )
-    parser.add_argument(
-        "--tensor-parallel-size",
-        "-tp",
-        type=int,
-        default=StackConfig.tensor_parallel_size,
-        help="the language service's: its decoder split over N processes (gloo on CPU)",
-    )
-    parser.add_argument(
-        "--enable-expert-parallel",
-        action="store_true",
-        help="the language service's: with -tp N, E/N whole experts per rank",
-    )
+    add_parallel_arguments(parser.add_argument_group("the language service's parallelism"))
     parser.add_argument(
         "--threads",
         choices=THREAD_POLICIES,
@@ -345,8 +338,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         log_dir=args.log_dir,
         api_key=args.api_key,
         threads=args.threads,
-        tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel,
+        parallel=parallel_config_from_args(args),
         extra_gateway_args=("--reasoning-parser", args.reasoning_parser)
         if args.reasoning_parser
         else (),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import openai
 
+from services.language.parallel.config import ParallelConfig
 from services.up import StackConfig, running_stack
 from tests.e2e.serving import EPD
 from tests.e2e.test_stack import expected_text, image_messages
@@ -45,7 +46,7 @@ def test_epd_generate_with_expert_parallel_matches_transformers(tiny_model, tmp_
 
 def test_epd_up_serves_transformers_greedy_text_over_two_ranks(tiny_model, oracle, png):
     cfg = StackConfig(model=str(tiny_model), http_port=0, kv_cache_bytes=16 << 20,
-                      tensor_parallel_size=2)  # fmt: skip
+                      parallel=ParallelConfig(tensor_parallel_size=2))  # fmt: skip
     images = [png(120, 90, 3)]
     want = expected_text(oracle, tiny_model, images, "What is in this picture?", 12)
     with running_stack(cfg, timeout=180) as stack:

@@ -32,6 +32,7 @@ class ParallelConfig:
 
 
 def add_parallel_arguments(group: argparse._ArgumentGroup) -> None:
+    """The flags, shared by the engine (`epd language`, `epd generate`) and `epd up`."""
     d = ParallelConfig()
     group.add_argument(
         "--tensor-parallel-size",
@@ -61,3 +62,10 @@ def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
         enable_expert_parallel=args.enable_expert_parallel,
         timeout_s=args.distributed_timeout,
     )
+
+
+def parallel_arguments(cfg: ParallelConfig) -> list[str]:
+    """`cfg` as the flags that give it (a child process's command line)."""
+    flags = ["--tensor-parallel-size", str(cfg.tensor_parallel_size),
+             "--distributed-timeout", str(cfg.timeout_s)]  # fmt: skip
+    return flags + (["--enable-expert-parallel"] if cfg.enable_expert_parallel else [])

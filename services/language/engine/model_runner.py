@@ -156,21 +156,13 @@ class ModelRunner:
             self.workers.close()
             self.workers = None
 
+    @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
         """One forward over the chunks; returns a Sample for each chunk that ends its request's
-        known tokens. Raises EngineFailed when a tensor-parallel step fails."""
-        if self.workers is None:
-            return self._run(chunks)
-        try:
-            return self._run(chunks)
-        except Exception as e:
-            raise EngineFailed(self.workers.explain(e)) from e
-
-    @torch.inference_mode()
-    def _run(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
+        known tokens. Raises EngineFailed when a tensor-parallel forward fails."""
         self._select_device()
         replayed = self._replay(chunks) if self.graphs is not None else None
-        hidden, last_rows = replayed if replayed is not None else self._forward(chunks)
+        hidden, last_rows = replayed if replayed is not None else self._eager(chunks)
         if replayed is None and any(c.req.params.prompt_logprobs is not None for c in chunks):
             collect_prompt_logprobs(self.model.compute_logits, hidden, chunks)
         sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
@@ -181,6 +173,16 @@ class ModelRunner:
         inputs = [self._sample_input(c.req) for _, c in sampling]
         samples = sample_rows(logits, inputs)
         return {c.req.id: s for (_, c), s in zip(sampling, samples, strict=True)}
+
+    def _eager(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
+        """`_forward`; with workers, any error in it is fatal (sampling after it, on rank 0
+        alone, is not: the ranks are in step again once the forward returned)."""
+        if self.workers is None:
+            return self._forward(chunks)
+        try:
+            return self._forward(chunks)
+        except Exception as e:
+            raise EngineFailed(self.workers.explain(e)) from e
 
     def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
         """The eager forward: hidden states `[T, H]` and each chunk's last row."""

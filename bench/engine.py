@@ -19,6 +19,9 @@ in a steady state rather than one burst.
 Every system produces exactly each request's output length (end-of-sequence ignored). TTFT and
 TPOT come from per-step timestamps (a no-op logits processor for transformers).
 
+`--tensor-parallel-size 1,2` runs the engine at each size instead of the single-device engine
+(`bench/engine_parallel.py`): tokens/s, and per rank the weights held and the peak RSS.
+
 `--device cuda` runs a different benchmark instead: decode tokens/s on a GPU, with and without
 CUDA graphs, against the HBM-bandwidth limit (`bench/engine_cuda.py`).
 """
@@ -37,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bench import engine_cuda
+from bench import engine_cuda, engine_parallel
 from bench.generate import synthetic_image
 from bench.hf import HFReference, HFRequest
 from common.contract import SamplingParams
@@ -101,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-bytes", type=int, default=512 << 20)
     parser.add_argument("--max-batch-tokens", type=int, default=1024)
     parser.add_argument("--skip-hf", action="store_true", help="measure the engine only")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        default="1",
+        help="comma-separated sizes, e.g. 1,2: the engine at each (gloo workers on the CPU), "
+        "with per-rank weights and peak RSS",
+    )
     parser.add_argument("--json", action="store_true", help='print {"rows": [...]} as JSON')
     engine_cuda.add_arguments(parser)
 
@@ -149,8 +158,12 @@ def run(args: argparse.Namespace) -> int:
     if hf is not None:  # warm-up, not counted
         call_on_torch_thread(hf.generate, [HFRequest(work[0].ids, work[0].raw_images)], 2)
     hf_seq = call_on_torch_thread(_run_hf, hf, work, 1) if hf else None
+    sizes = engine_parallel.parse_sizes(args.tensor_parallel_size)
+    if sizes != [1]:
+        rows += _run_sizes(pipe, work, sizes, concurrencies, args)
     for c in concurrencies:
-        rows.append(_row("epd", c, *asyncio.run(_run_engine(pipe, work, c, args))))
+        if sizes == [1]:
+            rows.append(_row("epd", c, *asyncio.run(_run_engine(pipe, work, c, args))))
         if hf and hf_seq:
             rows.append(_row("hf_sequential", c, *hf_seq))
             batched = hf_seq if c == 1 else call_on_torch_thread(_run_hf, hf, work, c)
@@ -162,6 +175,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sizes(
+    pipe: ColocatedPipeline, work: list[Work], sizes: list[int], concurrencies: list[int],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The engine at each tensor-parallel size (one engine per size, every concurrency)."""
+    rows = []
+    threads = call_on_torch_thread(torch.get_num_threads)  # a size > 1 divides them per rank
+    for size in sizes:
+        call_on_torch_thread(torch.set_num_threads, threads)
+        engine = engine_parallel.build(args, size, max(concurrencies))
+        try:
+            for c in concurrencies:
+                row = _row("epd", c, *asyncio.run(_drive(engine, pipe, work, c)))
+                rows.append({**row, "tensor_parallel_size": size})
+            table = engine_parallel.ranks(engine)
+        finally:
+            call_on_torch_thread(engine.close)
+        rows[-1]["ranks"] = table
+        if not args.json:
+            engine_parallel.print_ranks(size, table)
+    return rows
+
+
 async def _run_engine(
     pipe: ColocatedPipeline, work: list[Work], concurrency: int, args: argparse.Namespace
 ) -> tuple[float, list[Timing]]:
@@ -170,6 +206,13 @@ async def _run_engine(
     )
     sched = SchedulerConfig(max_num_seqs=concurrency, max_batch_tokens=args.max_batch_tokens)
     engine = Engine(pipe.cfg, runner, sched, frozenset(ChatTokenizer(args.model).eos_token_ids))
+    return await _drive(engine, pipe, work, concurrency)
+
+
+async def _drive(
+    engine: Engine, pipe: ColocatedPipeline, work: list[Work], concurrency: int
+) -> tuple[float, list[Timing]]:
+    """`concurrency` closed-loop clients over the workload (after one warm-up request)."""
     await engine.start()
     warm = SamplingParams(max_tokens=2, ignore_eos=True)
     async for _ in engine.generate(work[0].ids, warm, await encode(pipe, work[0])):  # warm-up
@@ -228,9 +271,11 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, n: int) -> None
     base = {}
     for r in rows:
         tpot = f"{r['tpot_p50_s']:.4f}" if r["tpot_p50_s"] is not None else "-"
-        print(f"{r['system']:<15}{r['concurrency']:>5}{r['output_tok_s']:>11.1f}"
+        tp = r.get("tensor_parallel_size")
+        system = r["system"] if tp is None else f"{r['system']} tp={tp}"
+        print(f"{system:<15}{r['concurrency']:>5}{r['output_tok_s']:>11.1f}"
               f"{r['ttft_p50_s']:>12.3f}{tpot:>12}")  # fmt: skip
-        base[(r["system"], r["concurrency"])] = r["output_tok_s"]
+        base[(system, r["concurrency"])] = r["output_tok_s"]
     for (system, c), value in base.items():
         if system == "epd" and ("hf_sequential", c) in base:
             seq, batched = base[("hf_sequential", c)], base[("hf_batched", c)]

@@ -25,6 +25,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from common.shards import Shard, read_slices
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -95,12 +97,15 @@ def load_module(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     tied: dict[str, str] | None = None,
+    shard: Callable[[str], Shard | None] | None = None,
 ) -> None:
     """Load `module`'s parameters and persistent buffers from `ckpt`.
 
     `rename(checkpoint_key)` returns the module key, or None for keys that belong to another part
     of the model (e.g. the vision tower when loading the decoder). `tied` maps a module key that
-    may be absent from the checkpoint to the module key it shares storage with.
+    may be absent from the checkpoint to the module key it shares storage with. `shard(module_key)`
+    names the part of a tensor this module holds (a tensor-parallel rank's; the module's parameter
+    then has the part's shape), None for the whole tensor; only that part is read.
     Raises ValueError listing every missing and unexpected key.
     """
     expected = module.state_dict()
@@ -130,15 +135,22 @@ def load_module(
         disable=True if total < PROGRESS_MIN_BYTES else None,
     ) as bar:
         for target, keys in sources.items():
-            tensor = _assemble(ckpt, keys, expected[target].shape, target)
+            part = shard(target) if shard is not None else None
+            want = expected[target].shape
+            if part is None:
+                tensor = _assemble(ckpt, keys, want, target)
+            else:
+                tensor = _assemble_part(ckpt, keys, tuple(want), target, part)
             state[target] = _place(tensor, dtype, device)
-            bar.update(tensor.numel() * tensor.element_size())
+            bar.update(ckpt.nbytes(keys))
     for key, source in tied.items():
         if key not in state:
             state[key] = state[source]
     module.load_state_dict(state, strict=True, assign=True)
     module.requires_grad_(False)  # inference only
-    log.info("loaded %d tensors (%.1f MiB) from %s", len(state), total / 2**20, ckpt.model_dir)
+    held = sum(t.numel() * t.element_size() for t in state.values())
+    log.info("loaded %d tensors (%.1f MiB of the checkpoint's %.1f MiB) from %s", len(state),
+             held / 2**20, total / 2**20, ckpt.model_dir)  # fmt: skip
 
 
 def _fused_name(proj: str) -> str:
@@ -160,6 +172,64 @@ def _assemble(ckpt: Checkpoint, keys: list[str], want: torch.Size, target: str) 
         f"{ckpt.model_dir}: tensor {keys[0]} has shape {tuple(tensor.shape)}, "
         f"expected {tuple(want)} for {target}"
     )
+
+
+def _assemble_part(
+    ckpt: Checkpoint, keys: list[str], want: tuple[int, ...], target: str, part: Shard
+) -> torch.Tensor:
+    """`part` of the tensor for one module key, read alone from the checkpoint's layout."""
+    full = part.full_shape(want)
+    if len(keys) > 1 or _PER_EXPERT.match(keys[0]):
+        return _stack_expert_part(ckpt, keys, full, target, part)
+    key = keys[0]
+    stored = ckpt.shape(key)
+    ranges = list(part.ranges)
+    if stored == full:
+        return read_slices(ckpt._file(key), key, part.dim, ranges)
+    fused = target.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    if fused and len(stored) == 3 and (stored[0], stored[2], stored[1]) == full:
+        dim = (0, 2, 1)[part.dim]  # hub layout: the last two dims swapped
+        return read_slices(ckpt._file(key), key, dim, ranges).transpose(1, 2).contiguous()
+    raise ValueError(
+        f"{ckpt.model_dir}: tensor {key} has shape {stored}, expected {full} for {target}"
+    )
+
+
+def _stack_expert_part(
+    ckpt: Checkpoint, keys: list[str], full: tuple[int, ...], target: str, part: Shard
+) -> torch.Tensor:
+    """`part` of fused experts from one tensor per expert: only the experts in the part (dim 0)
+    or each expert's slice (dims 1-2) is read."""
+    by_expert: dict[int, dict[str, str]] = {}
+    for k in keys:
+        m = _PER_EXPERT.match(k)
+        if m is None:
+            raise ValueError(f"{ckpt.model_dir}: {k} mixes fused and per-expert layouts")
+        by_expert.setdefault(int(m.group(2)), {})[m.group(3)] = k
+    if sorted(by_expert) != list(range(full[0])):
+        raise ValueError(
+            f"{ckpt.model_dir}: {target} needs experts 0..{full[0] - 1}, found {sorted(by_expert)}"
+        )
+    gate_up = target.endswith("gate_up_proj")
+    names = ("gate_proj", "up_proj") if gate_up else ("down_proj",)
+    experts = [e for a, b in part.ranges for e in range(a, b)] if part.dim == 0 else range(full[0])
+    parts = []
+    for e in experts:
+        if any(n not in by_expert[e] for n in names):
+            raise ValueError(f"{ckpt.model_dir}: expert {e} of {target} lacks one of {names}")
+        stored = [by_expert[e][n] for n in names]  # per expert: gate [I, H], up [I, H] / [H, I]
+        if part.dim == 0:
+            parts.append(torch.cat([ckpt.get(k) for k in stored]))
+        elif part.dim == 1 and gate_up:  # rows of the virtual [gate; up]
+            sizes = tuple(ckpt.shape(k)[0] for k in stored)
+            pieces = [read_slices(ckpt._file(stored[p]), stored[p], 0, [(a, b)])
+                      for p, a, b in part.pieces(sizes)]  # fmt: skip
+            parts.append(torch.cat(pieces))
+        else:
+            dim = part.dim - 1
+            parts.append(torch.cat([read_slices(ckpt._file(k), k, dim, list(part.ranges))
+                                    for k in stored]))  # fmt: skip
+    return torch.stack(parts)
 
 
 def _stack_experts(

@@ -5,7 +5,9 @@ This is `epd generate` and the colocated baseline the disaggregated system is me
 processes taken out: the encoder's preprocessing and vision tower, and the language service's
 `Engine` (continuous batching over the paged KV cache, the same scheduler and sampler), so that a
 comparison with the stack measures disaggregation and nothing else. Every torch call runs on the
-process's torch thread, as in the services.
+process's torch thread, as in the services. With `--tensor-parallel-size N` the engine spawns
+N-1 worker processes (multiprocessing's spawn): a script that builds a pipeline keeps its work
+under `if __name__ == "__main__":`, as with any spawn-based library; `close()` stops them.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class ColocatedPipeline:
             self.vision = call_on_torch_thread(
                 load_vision_tower, model_dir, self.cfg, self.dtype, self.device
             )
+
+    def close(self) -> None:
+        """Stop what the engine runs outside this process (tensor-parallel workers)."""
+        call_on_torch_thread(self.engine.close)
 
     def encode_images(
         self, images: Sequence[bytes], timings: dict[str, float] | None = None

@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
         sampling = None
         if any(kind == "video" for kind, _ in args.media):
             sampling = pipeline.video_cfg.sampling(args.video_fps, args.video_max_frames)
-        result = pipeline.generate_parts(parts, params, sampling)
+        try:
+            result = pipeline.generate_parts(parts, params, sampling)
+        finally:
+            pipeline.close()
     except (ValueError, OSError) as e:
         print(f"epd generate: error: {e}", file=sys.stderr)
         return 2

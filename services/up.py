@@ -32,6 +32,12 @@ import grpc
 
 from common.cores import create_ledger
 from common.grpc_bootstrap import health_check
+from services.language.parallel.config import (
+    ParallelConfig,
+    add_parallel_arguments,
+    parallel_arguments,
+    parallel_config_from_args,
+)
 
 log = logging.getLogger("epd.up")
 
@@ -57,6 +63,8 @@ class StackConfig:
     # cores no other role holds (common.cores), "split" = a fixed share each (`thread_budget`),
     # "none" = torch's default everywhere (one thread per core each: busy roles oversubscribe).
     threads: str = "share"
+    # The language service's --tensor-parallel-size, --enable-expert-parallel, timeout.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.threads not in THREAD_POLICIES:
@@ -147,6 +155,7 @@ class Stack:
         self._add("language", "language", log_dir, lang_port, [
             *common, "--port", str(lang_port), "--dtype", self.cfg.dtype,
             "--kv-cache-bytes", str(self.cfg.kv_cache_bytes),
+            *parallel_arguments(self.cfg.parallel),
             *self._threads(lang_threads, self.cfg.encoders, cores, self.cfg.extra_language_args),
             *self.cfg.extra_language_args,
         ])  # fmt: skip
@@ -329,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["qwen3"],
         help="the gateway's --reasoning-parser: <think>...</think> as reasoning_content",
     )
+    add_parallel_arguments(parser.add_argument_group("the language service's parallelism"))
     parser.add_argument(
         "--threads",
         choices=THREAD_POLICIES,
@@ -352,6 +362,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         log_dir=args.log_dir,
         api_key=args.api_key,
         threads=args.threads,
+        parallel=parallel_config_from_args(args),
         extra_gateway_args=("--reasoning-parser", args.reasoning_parser)
         if args.reasoning_parser
         else (),

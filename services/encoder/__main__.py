@@ -20,7 +20,7 @@ from common.contract.videos import add_video_limit_arguments, video_limits_from_
 from common.cores import CoreShare
 from common.dtypes import DTYPES
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
-from common.lifecycle import serve_service, start_service, stop_service
+from common.lifecycle import never_fails, serve_service, start_service, stop_service
 from common.rpc import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from common.torch_thread import add_threads_argument, run_on_torch_thread, set_torch_threads
 from common.transfer import Producer, TransferConfig
@@ -269,6 +269,9 @@ class EncoderService:
             await self.encoder.stop()
         self.producer.close()
 
+    async def failed(self) -> str:
+        return await never_fails()
+
 
 def create(cfg: EncoderServiceConfig) -> EncoderService:
     """The role, not yet listening (`start_service` listens with health NOT_SERVING; Encode
@@ -296,8 +299,7 @@ async def start(cfg: EncoderServiceConfig) -> EncoderService:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    asyncio.run(serve_service(lambda: create(cfg)))
-    return 0
+    return asyncio.run(serve_service(lambda: create(cfg)))
 
 
 def _batch_images(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from common.contract import PreprocessConfig, VideoPreprocessConfig
 from common.contract.images import add_image_limit_arguments, image_limits_from_args
 from common.contract.videos import add_video_limit_arguments, video_limits_from_args
 from common.grpc_bootstrap import GrpcServer, ServerConfig, add_server_arguments, server_config
-from common.lifecycle import serve_service, start_service, stop_service
+from common.lifecycle import never_fails, serve_service, start_service, stop_service
 from common.rpc import gateway_pb2, gateway_pb2_grpc
 from common.tls import ClientTLS, add_client_tls_arguments, client_tls_from_args
 from common.tokenizer import ChatTokenizer
@@ -163,8 +163,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    asyncio.run(serve_service(lambda: create(cfg)))
-    return 0
+    return asyncio.run(serve_service(lambda: create(cfg)))
 
 
 @dataclass
@@ -233,6 +232,9 @@ class GatewayService:
         await self.runner.cleanup()
         for pool in self.pools:
             await pool.stop()
+
+    async def failed(self) -> str:
+        return await never_fails()
 
     async def stop(self, grace: float | None = None) -> None:
         await stop_service(self, grace)

@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
         pull_timeout_s=args.pull_timeout,
         encoder_tls=client_tls_from_args(args, "encoder-"),
     )
-    asyncio.run(serve_service(lambda: create(cfg)))
-    return 0
+    return asyncio.run(serve_service(lambda: create(cfg)))
 
 
 @dataclass
@@ -101,8 +100,17 @@ class LanguageService:
 
     async def close(self) -> None:
         if self.engine is not None:
+            if self.engine.failure is not None:
+                self.engine.runner.kill_workers()  # a forward still waiting on them fails now
             await self.engine.stop()
+            await run_on_torch_thread(self.engine.close)
         self.consumer.close()
+
+    async def failed(self) -> str:
+        """Returns when the engine failed (a tensor-parallel rank lost)."""
+        assert self.engine is not None  # after load
+        await self.engine.failed.wait()
+        return self.engine.failure or "the engine failed"
 
     async def stop(self, grace: float | None = None) -> None:
         await stop_service(self, grace)

@@ -10,7 +10,8 @@ In order, for one Generate call:
    (and the pull timeout), and its identity digest computed there: a failure answers with the
    transfer error's own code, cause `image`, naming the image and its producer, so that the
    caller re-encodes the image instead of blaming this replica;
-4. the engine streams tokens.
+4. the engine streams tokens. An engine that failed (a tensor-parallel rank lost) answers
+   UNAVAILABLE, cause `replica`, so that the caller moves the request to another replica.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from common.rpc import language_pb2, language_pb2_grpc
 from common.transfer import Consumer, TransferError
 from common.transfer.handle import producer_of
 from services.language.engine.engine import Engine, ImageInput, TokenEvent, in_prompt_order
+from services.language.engine.errors import EngineFailed
 from services.language.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         except QueueFull as e:
             fault = Fault(Cause.REPLICA, grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {e}")
             await fault.abort(context)
+        except EngineFailed as e:
+            await _failed(e).abort(context)
         started = time.monotonic()
         try:
             media: list[ImageRef | VideoRef] = [*refs, *videos]
@@ -112,6 +116,8 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
             async for batch in stream:  # per sequence, one message for every step ready
                 for msg in _messages(batch, pull_s):
                     yield msg
+        except EngineFailed as e:
+            await _failed(e).abort(context)
         except ValueError as e:  # the request id is already running here
             await Fault(Cause.REQUEST, grpc.StatusCode.INVALID_ARGUMENT, str(e)).abort(context)
 
@@ -202,6 +208,10 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
                             "bad_tensor").abort(context)  # fmt: skip
             images.append(r)
         return images
+
+
+def _failed(e: EngineFailed) -> Fault:
+    return Fault(Cause.REPLICA, grpc.StatusCode.UNAVAILABLE, f"this language replica failed: {e}")
 
 
 def _messages(batch: list[TokenEvent], pull_s: float) -> list[language_pb2.GenerateResponse]:

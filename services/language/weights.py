@@ -1,13 +1,16 @@
 """Build the decoder of a checkpoint and load its language half into it.
 
 Vision-language checkpoints keep the decoder under `model.language_model.*`; plain text
-checkpoints under `model.*`. `lm_head.weight` may be absent when embeddings are tied.
+checkpoints under `model.*`. `lm_head.weight` may be absent when embeddings are tied. A
+tensor-parallel rank builds its own part of the decoder (`parallel.layers.shard_decoder`) and
+reads only that part of each tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,17 +18,31 @@ from common.config import ModelConfig
 from common.weights import Checkpoint, load_module
 from services.language.model import Attention, Experts, Qwen3MoeForCausalLM
 
+if TYPE_CHECKING:
+    from services.language.parallel.layers import ParallelDecoder
+
 
 def load_decoder(
     model_dir: str | Path,
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    parallel: ParallelDecoder | None = None,
 ) -> Qwen3MoeForCausalLM:
+    """The whole decoder, or with `parallel` this rank's part of it."""
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(cfg.text)
+    vocab = True
+    if parallel is not None:
+        from services.language.parallel.layers import shard_decoder
+
+        shard_decoder(model, cfg.text, parallel)
+        vocab = parallel.holds_vocab
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
-    load_module(model, Checkpoint(model_dir), _renamer(cfg), dtype=dtype, device=device, tied=tied)
+    load_module(
+        model, Checkpoint(model_dir), _renamer(cfg, vocab), dtype=dtype, device=device,
+        tied=tied if vocab else None, shard=parallel.plan.shard if parallel else None,
+    )  # fmt: skip
     for module in model.modules():
         if isinstance(module, Experts):
             module.use_kernel_layout()
@@ -34,14 +51,16 @@ def load_decoder(
     return model.eval()
 
 
-def _renamer(cfg: ModelConfig) -> Callable[[str], str | None]:
+def _renamer(cfg: ModelConfig, vocab: bool = True) -> Callable[[str], str | None]:
+    """Checkpoint key -> module key; `vocab=False` leaves out the embeddings and lm_head."""
     prefix = cfg.text_prefix
 
     def rename(key: str) -> str | None:
         if key == "lm_head.weight":
-            return key
+            return key if vocab else None
         if key.startswith(prefix):
-            return "model." + key[len(prefix) :]
+            name = "model." + key[len(prefix) :]
+            return None if not vocab and name.startswith("model.embed_tokens.") else name
         if key.startswith("model.visual."):
             return None  # the encoder's half
         return key  # reported as unexpected

@@ -30,7 +30,7 @@ from referencing import Registry, Resource
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-KUSTOMIZATIONS = ["base", "overlays/cpu-dev", "overlays/gpu", "overlays/keda"]
+KUSTOMIZATIONS = ["base", "overlays/cpu-dev", "overlays/gpu", "overlays/gpu-tp8", "overlays/keda"]
 COMPOSE_VARIANTS = {"cpu": ["compose.yaml"], "gpu": ["compose.yaml", "compose.gpu.yaml"]}
 K8S_VERSION = "v1.32.0"
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test, the kernel benchmark and the engine decode benchmark, in one call on one
-# H100/H200; the timeouts keep the whole script under 6 minutes.
+# H100/H200 (plus the 2-GPU tensor-parallel check where the machine has two); the timeouts keep
+# the whole script under 6 minutes (9 with the tensor-parallel check).
 # Uses the machine's own python3 (torch, triton, transformers preinstalled); the project is
 # imported from this checkout, not installed. JSON/XML results go under $OUT when it is set.
 set -euo pipefail
@@ -19,8 +20,19 @@ $PY -c 'import torch, triton, google.protobuf as pb; print("torch", torch.__vers
 
 status=0
 # --confcutdir: the root conftest pins CPU-side fixtures (transformers parity) we do not need.
+# The 2-GPU tensor-parallel check runs on its own below, only where two GPUs exist.
 timeout 130 $PY -m pytest -q -m gpu tests/gpu --confcutdir=tests/gpu -p no:cacheprovider \
-    --junitxml="$OUT_DIR/gpu-tests.xml" || status=$?
+    --ignore=tests/gpu/test_tensor_parallel_gpu.py --junitxml="$OUT_DIR/gpu-tests.xml" \
+    || status=$?
+gpus=$($PY -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then
+    # -tp 2 over NCCL (plain and expert-parallel) against one GPU's greedy tokens.
+    timeout 180 $PY -m pytest -q -m gpu tests/gpu/test_tensor_parallel_gpu.py \
+        --confcutdir=tests/gpu -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tp-tests.xml" \
+        || status=$?
+else
+    echo "tensor-parallel check skipped: $gpus GPU(s), it needs 2"
+fi
 timeout 60 $PY -m services.cli bench-kernels --json --torch-max-tokens 1024 \
     > "$OUT_DIR/bench-kernels.json" || status=$?
 # Decode tokens/s of the engine (A3B layer shapes, 4 layers, bf16), CUDA graphs on and off.

@@ -46,3 +46,20 @@ def test_cli_reports_what_image_work_it_timed(tiny_model):
     systems = [(r["system"], r["concurrency"]) for r in report["rows"]]
     assert systems == [(s, c) for c in (1, 2) for s in ("epd", "hf_sequential", "hf_batched")]
     assert all(r["output_tok_s"] > 0 and r["requests"] == 4 for r in report["rows"])
+
+
+def test_cli_runs_each_tensor_parallel_size_and_reports_every_rank(tiny_model):
+    out = subprocess.run(
+        [EPD, "bench-engine", "--model", str(tiny_model), "--requests", "4", "--concurrency",
+         "2", "--tensor-parallel-size", "1,2", "--skip-hf", "--kv-cache-bytes", str(8 << 20),
+         "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["system"], r["tensor_parallel_size"]) for r in rows] == [("epd", 1), ("epd", 2)]
+    assert all(r["output_tok_s"] > 0 and r["requests"] == 4 for r in rows)
+    one, two = rows[0]["ranks"], rows[1]["ranks"]
+    assert [r["rank"] for r in one] == [0] and [r["rank"] for r in two] == [0, 1]
+    # The split: each rank of two holds less than the whole decoder, rank 0 the vocabulary.
+    assert all(r["weights_mib"] < one[0]["weights_mib"] for r in two)
+    assert two[0]["weights_mib"] > two[1]["weights_mib"] and two[1]["peak_rss_mib"] > 0

@@ -15,6 +15,7 @@ from services.language.attention import ContiguousKVCache
 from services.language.inputs import scatter_images
 from services.language.mrope import mrope_positions
 from services.tiny_model import make_tiny_model
+from tests.checkpoints import per_expert_copy
 
 PROMPT = "Describe these images in detail."
 
@@ -171,21 +172,7 @@ def test_make_tiny_model_writes_the_hub_layout_on_request(tiny_model, tmp_path, 
 
 def test_per_expert_text_checkpoint_loads_to_the_same_model(tiny_text_moe, tmp_path):
     """Plain Qwen3-MoE hub checkpoints store one gate/up/down tensor per expert."""
-    split = tmp_path / "per-expert"
-    split.mkdir()
-    for f in tiny_text_moe.iterdir():
-        if f.name != "model.safetensors":
-            (split / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(tiny_text_moe / "model.safetensors")
-    for key in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
-        base = key[: -len("gate_up_proj")]
-        gate_up, down = tensors.pop(key), tensors.pop(base + "down_proj")
-        i = gate_up.shape[1] // 2
-        for e in range(gate_up.shape[0]):
-            tensors[f"{base}{e}.gate_proj.weight"] = gate_up[e, :i].contiguous()
-            tensors[f"{base}{e}.up_proj.weight"] = gate_up[e, i:].contiguous()
-            tensors[f"{base}{e}.down_proj.weight"] = down[e].contiguous()
-    save_file(tensors, split / "model.safetensors", metadata={"format": "pt"})
+    split = per_expert_copy(tiny_text_moe, tmp_path / "per-expert")
     _, fused = prefill_logits(ColocatedPipeline(tiny_text_moe), [], PROMPT)
     _, per_expert = prefill_logits(ColocatedPipeline(split), [], PROMPT)
     assert torch.equal(fused, per_expert)

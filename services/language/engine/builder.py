@@ -2,6 +2,8 @@
 
 One way for every place that runs the engine: the language service (`epd language`), the
 colocated pipeline (`epd generate`, the colocated baseline of `epd bench`) and the benchmarks.
+With `--tensor-parallel-size N` this process is rank 0 and the builder starts ranks 1..N-1
+(`parallel.workers`), each loading its own part of the checkpoint while rank 0 loads its own.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -19,11 +22,11 @@ from common.cores import CoreShare
 from common.dtypes import DTYPES
 from common.tokenizer import ChatTokenizer
 from common.torch_thread import add_threads_argument, set_torch_threads
-from services.language.attention import ContiguousKVCache
 from services.language.engine.engine import Engine
 from services.language.engine.grammar import GrammarCompiler
 from services.language.engine.memory import (
     DEFAULT_CPU_KV_BYTES,
+    peak_forward,
     profile_kv_bytes,
     resolve_max_model_len,
 )
@@ -31,6 +34,15 @@ from services.language.engine.model_runner import ModelRunner
 from services.language.engine.scheduler import SchedulerConfig
 from services.language.metrics import LanguageMetrics
 from services.language.model import Qwen3MoeForCausalLM
+from services.language.parallel.config import (
+    ParallelConfig,
+    add_parallel_arguments,
+    parallel_config_from_args,
+)
+from services.language.parallel.layers import ParallelDecoder
+from services.language.parallel.plan import ShardPlan, check_splits
+from services.language.parallel.report import RankMemory, log_ranks
+from services.language.parallel.workers import Workers
 from services.language.weights import load_decoder
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,7 @@ class EngineConfig:
     max_image_bytes_held: int = 2 << 30
     num_threads: int | None = None  # torch threads; None = torch's default (one per core)
     share_cores: str | None = None  # PATH,SLOT,CORES of `epd up`'s core ledger (common.cores)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +79,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-bytes",
         type=int,
         default=None,
-        help="bytes of KV cache to preallocate (default: 1 GiB on CPU; on CUDA, sized from "
-        "--gpu-memory-utilization); wins over --gpu-memory-utilization",
+        help="bytes of KV cache to preallocate, per rank with --tensor-parallel-size (default: "
+        "1 GiB on CPU; on CUDA, sized from --gpu-memory-utilization); wins over "
+        "--gpu-memory-utilization",
     )
     g.add_argument(
         "--gpu-memory-utilization",
@@ -122,6 +136,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="queued requests beyond which new ones get RESOURCE_EXHAUSTED",
     )
     add_threads_argument(g)
+    add_parallel_arguments(g)
     g.add_argument(
         "--max-image-bytes-held",
         type=int,
@@ -150,30 +165,44 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_image_bytes_held=args.max_image_bytes_held,
         num_threads=args.num_threads,
         share_cores=args.share_cores,
+        parallel=parallel_config_from_args(args),
     )
 
 
 def build_engine(cfg: EngineConfig, metrics: LanguageMetrics | None = None) -> Engine:
     """Weights, KV cache and `max_model_len` (logged), on the calling (torch) thread."""
-    set_torch_threads(cfg.num_threads)
     model_cfg = ModelConfig.from_dir(cfg.model)
     dtype = DTYPES[cfg.dtype]
-    model = load_decoder(cfg.model, model_cfg, dtype, cfg.device)
-    kv_bytes = cfg.kv_cache_bytes
-    if kv_bytes is None:
-        device = torch.device(cfg.device)
-        if device.type == "cuda":
-            kv_bytes = profile_kv_bytes(
-                device, cfg.gpu_memory_utilization,
-                lambda: _peak_forward(model, model_cfg, cfg, dtype),
-            )  # fmt: skip
-        else:
-            kv_bytes = DEFAULT_CPU_KV_BYTES
-    s = cfg.scheduler
-    runner = ModelRunner(
-        model_cfg, model, kv_bytes, cfg.block_size, dtype, cfg.device,
-        cuda_graphs=cfg.cuda_graphs, max_batch=min(s.max_num_seqs, s.max_batch_tokens),
-    )  # fmt: skip
+    device = torch.device(cfg.device)
+    p = cfg.parallel
+    threads = cfg.num_threads
+    if p.enabled and threads is None and device.type == "cpu":
+        threads = max(1, len(os.sched_getaffinity(0)) // p.tensor_parallel_size)  # cores shared
+    set_torch_threads(threads)
+    workers, decoder, kv_heads = None, None, model_cfg.text.num_key_value_heads
+    if p.enabled:
+        check_splits(model_cfg.text, p.tensor_parallel_size, p.enable_expert_parallel)
+        workers = Workers.start(cfg.model, cfg.dtype, cfg.device, p, threads)
+        plan = ShardPlan.of(model_cfg.text, 0, p.tensor_parallel_size, p.enable_expert_parallel)
+        decoder, kv_heads = ParallelDecoder(plan, workers.comm), plan.local_kv_heads
+    try:
+        model = load_decoder(cfg.model, model_cfg, dtype, cfg.device, decoder)
+        if workers is not None:
+            log_ranks([RankMemory.of(0, model, device), *workers.loaded()])
+        kv_bytes = cfg.kv_cache_bytes
+        if kv_bytes is None:
+            kv_bytes = _kv_bytes(model, model_cfg, cfg, dtype, kv_heads, workers)
+        s = cfg.scheduler
+        runner = ModelRunner(
+            model_cfg, model, kv_bytes, cfg.block_size, dtype, cfg.device,
+            cuda_graphs=cfg.cuda_graphs, max_batch=min(s.max_num_seqs, s.max_batch_tokens),
+            kv_heads=kv_heads, workers=workers,
+        )  # fmt: skip
+    except BaseException:
+        if workers is not None:
+            workers.kill()
+            workers.comm.close()
+        raise
     context = model_cfg.text.max_position_embeddings
     max_len = resolve_max_model_len(context, cfg.max_model_len, runner.capacity_tokens)
     log.info(
@@ -187,20 +216,29 @@ def build_engine(cfg: EngineConfig, metrics: LanguageMetrics | None = None) -> E
                   grammars, cores)  # fmt: skip
 
 
-def _peak_forward(
-    model: Qwen3MoeForCausalLM, model_cfg: ModelConfig, cfg: EngineConfig, dtype: torch.dtype
-) -> None:
-    """The largest step the scheduler can build: max_batch_tokens tokens, max_num_seqs logits."""
-    t = model_cfg.text
-    n = cfg.scheduler.max_batch_tokens
+def _kv_bytes(
+    model: Qwen3MoeForCausalLM,
+    model_cfg: ModelConfig,
+    cfg: EngineConfig,
+    dtype: torch.dtype,
+    kv_heads: int,
+    workers: Workers | None,
+) -> int:
+    """KV cache bytes per rank when not given: 1 GiB on CPU; on CUDA what the device has left
+    after the largest forward (with tensor parallelism, the least any rank has left)."""
     device = torch.device(cfg.device)
-    with torch.inference_mode():
-        x = torch.zeros(n, t.hidden_size, dtype=dtype, device=device)
-        positions = torch.arange(n, device=device).expand(3, -1)
-        cache = ContiguousKVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, n,
-                                  dtype, device)  # fmt: skip
-        hidden = model(x, positions, cache)
-        model.compute_logits(hidden[: min(n, cfg.scheduler.max_num_seqs)])
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_BYTES
+    s, t = cfg.scheduler, model_cfg.text
+    logits = min(s.max_batch_tokens, s.max_num_seqs)
+
+    def own() -> int:
+        run = lambda: peak_forward(model, t, s.max_batch_tokens, logits, kv_heads, dtype, device)  # noqa: E731
+        return profile_kv_bytes(device, cfg.gpu_memory_utilization, run)
+
+    if workers is None:
+        return own()
+    return workers.profile(cfg.gpu_memory_utilization, s.max_batch_tokens, logits, own)
 
 
 async def warm_up(engine: Engine) -> None:

@@ -17,6 +17,10 @@ request's id, sequence i > 0 the id "<id>#<i>", its own generator (seeded from t
 seed and i) and waits for the first's prompt to be computed, whose full blocks it then takes
 from the prefix cache. A request with a structured-output constraint gets its compiled grammar
 (compiled off the loop, cached by digest) and one matcher per sequence.
+
+An `EngineFailed` forward (a tensor-parallel rank lost), or `fail` called when the runner's
+watcher sees a worker exit, ends the engine for good: every request's stream raises
+EngineFailed, new ones are refused, and `failed` is set for the service to exit.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +42,7 @@ from common.contract import ContractError, FinishReason, SamplingParams, image_p
 from common.contract.sampling import MAX_SEED
 from common.cores import CoreShare
 from common.torch_thread import run_on_torch_thread, wait_torch_thread_idle
+from services.language.engine.errors import EngineFailed
 from services.language.engine.grammar import GrammarCompiler
 from services.language.engine.kv_cache import BlockManager
 from services.language.engine.model_runner import ModelRunner
@@ -179,10 +184,31 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self._seen = (0, 0)  # prefix-hit tokens and preemptions already counted in metrics
+        self.failure: str | None = None  # why the engine can serve no more (see `fail`)
+        self.failed = asyncio.Event()
 
     async def start(self) -> None:
         self._wake = asyncio.Event()  # bound to the loop that runs the engine
         self._task = asyncio.create_task(self._loop(), name="epd-engine-loop")
+        loop = asyncio.get_running_loop()
+        self.runner.watch(lambda reason: _call_soon(loop, self.fail, reason))
+
+    def fail(self, reason: str) -> None:
+        """The engine cannot run forwards any more: end every request (its stream raises
+        EngineFailed), refuse new ones, set `failed`. On the event loop; idempotent."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("engine failed: %s", reason)
+        for sequence_id in list(self._streams):
+            self._end(sequence_id, FinishReason.ERROR)
+        self.failed.set()
+        self._wakeup()
+
+    def close(self) -> None:
+        """Release what the runner holds beyond this process (tensor-parallel workers); after
+        `stop`, on the torch thread."""
+        self.runner.close()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -207,7 +233,10 @@ class Engine:
     def reserve(self, image_bytes: int = 0) -> Reservation:
         """Claim a waiting slot and `image_bytes` of the image budget before pulling a request's
         images; raises QueueFull (saying which bound) when there is no room. A request larger
-        than the whole budget still runs, when nothing else holds image bytes."""
+        than the whole budget still runs, when nothing else holds image bytes. Raises
+        EngineFailed once the engine failed."""
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         waiting = len(self.scheduler.waiting) + self._reserved_slots
         if waiting >= self.scheduler.cfg.max_waiting:
             raise QueueFull(f"{waiting} requests already waiting")
@@ -321,6 +350,9 @@ class Engine:
                 while left and not queue.empty():
                     batch.append(queue.get_nowait())
                     left -= batch[-1].finish_reason is not None
+                if self.failure is not None:
+                    left = 0  # every sequence was ended
+                    raise EngineFailed(self.failure)
                 yield batch
         finally:
             if left:
@@ -341,7 +373,7 @@ class Engine:
 
     async def _loop(self) -> None:
         assert self._wake is not None
-        while True:
+        while self.failure is None:
             self._apply_aborts()
             self._update_gauges()
             if not self.scheduler.has_work:
@@ -354,11 +386,16 @@ class Engine:
                 continue
             try:
                 samples = await run_on_torch_thread(self._step, chunks)
+            except EngineFailed as e:
+                self.fail(str(e))
+                return
             except Exception:  # a failed forward must not take the service down
                 log.exception("forward failed; ending the %d requests of this step", len(chunks))
                 for c in chunks:
                     self._end(c.req.id, FinishReason.ERROR)
                 continue
+            if self.failure is not None:  # failed (a worker exited) while the step ran
+                return
             tokens = {rid: s.token for rid, s in samples.items()}
             for req, _, reason in self.scheduler.postprocess(chunks, tokens):
                 self._emit(req, samples[req.id], reason)
@@ -434,6 +471,11 @@ class Engine:
         m.prefix_hit_tokens.inc(hits - self._seen[0])
         m.preemptions.inc(preemptions - self._seen[1])
         self._seen = (hits, preemptions)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[str], None], arg: str) -> None:
+    """`fn(arg)` on `loop`, from another thread."""
+    loop.call_soon_threadsafe(fn, arg)
 
 
 def sibling_seed(seed: int | None, index: int) -> int | None:

@@ -12,12 +12,16 @@ is a few numpy operations instead of a handful of small torch ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from services.language.kernels import attention_kernel
 from services.language.kernels.torch_ref import PagedMeta
+
+if TYPE_CHECKING:
+    from services.language.model import Qwen3MoeForCausalLM
 
 
 class KVStorage:
@@ -59,6 +63,24 @@ class StepSeq:
     q_len: int
     kv_len: int
     block_table: list[int]
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one eager forward takes: the same on every tensor-parallel rank."""
+
+    embeds: torch.Tensor  # [T, H]
+    positions: torch.Tensor  # [3, T] int64
+    deepstack: torch.Tensor | None  # [T, D*H], zeros on text rows
+    seqs: list[StepSeq]  # in row order
+
+
+def forward_step(
+    model: Qwen3MoeForCausalLM, storage: KVStorage, block_size: int, step: StepInputs
+) -> torch.Tensor:
+    """The decoder over the step's rows, K/V written into `storage`: hidden states `[T, H]`."""
+    meta = step_metadata(step.seqs, block_size, storage.k.device)
+    return model(step.embeds, step.positions, ForwardBatch(storage, step=meta), step.deepstack)
 
 
 def step_metadata(

@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 import torch
 
+from common.config import TextConfig
+from services.language.attention import ContiguousKVCache
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -77,3 +80,24 @@ def profile_kv_bytes(
         kv / 2**30, utilization * 100, total / 2**30, (total - free) / 2**30, peak / 2**30,
     )  # fmt: skip
     return kv
+
+
+def peak_forward(
+    model: torch.nn.Module,
+    t: TextConfig,
+    num_tokens: int,
+    num_logits: int,
+    kv_heads: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """The largest step the scheduler can build: `num_tokens` rows, `num_logits` logits (none
+    on a rank without lm_head). `kv_heads`: the KV heads this rank holds."""
+    with torch.inference_mode():
+        x = torch.zeros(num_tokens, t.hidden_size, dtype=dtype, device=device)
+        positions = torch.arange(num_tokens, device=device).expand(3, -1)
+        cache = ContiguousKVCache(t.num_hidden_layers, kv_heads, t.head_dim, num_tokens, dtype,
+                                  device)  # fmt: skip
+        hidden = model(x, positions, cache)
+        if getattr(model, "lm_head", None) is not None:
+            model.compute_logits(hidden[:num_logits])  # type: ignore[operator]

@@ -6,18 +6,26 @@ sampling generator. A step's chunks become one forward over their tokens back to
 prefill slices the prompt inputs and the deepstack rows with the same token range. On CUDA, a
 decode-only step replays a captured CUDA graph instead (`cuda_graphs.py`); the last KV block is
 then reserved as the graphs' padding block.
+
+With tensor parallelism (`workers`), this runner is rank 0: it holds its part of the decoder and
+its KV heads, announces every eager step to the workers and broadcasts its inputs, and all ranks
+run the forward together; rank 0 alone samples. Any error in such a step is fatal
+(`EngineFailed`): after a failed collective the ranks no longer agree on what comes next.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.config import ModelConfig
 from services.language.engine.cuda_graphs import DecodeGraphs, DecodeStep, graphs_enabled
-from services.language.engine.forward_batch import ForwardBatch, KVStorage, StepSeq, step_metadata
+from services.language.engine.errors import EngineFailed
+from services.language.engine.forward_batch import KVStorage, StepInputs, StepSeq, forward_step
 from services.language.engine.prompt_logprobs import collect_prompt_logprobs
 from services.language.engine.request import Request
 from services.language.engine.sampler import Sample, SampleInput, make_generator, sample_rows
@@ -25,6 +33,9 @@ from services.language.engine.scheduler import ScheduledChunk
 from services.language.inputs import scatter_images
 from services.language.model import Qwen3MoeForCausalLM
 from services.language.mrope import mrope_positions
+
+if TYPE_CHECKING:
+    from services.language.parallel.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +62,26 @@ class ModelRunner:
         device: torch.device | str = "cpu",
         cuda_graphs: bool = True,
         max_batch: int = 64,
+        kv_heads: int | None = None,
+        workers: Workers | None = None,
     ) -> None:
         """`cuda_graphs`: capture decode steps of up to `max_batch` sequences (the scheduler's
-        `max_num_seqs`) on CUDA with the Triton kernels; ignored elsewhere."""
+        `max_num_seqs`) on CUDA with the Triton kernels; ignored elsewhere. `kv_heads`: the KV
+        heads this rank holds (default: all); `workers`: ranks 1..N-1 of a tensor-parallel
+        replica, whose KV caches get as many blocks as ours."""
+        self.workers = workers
         self.cfg, self.model, self.dtype = cfg, model, dtype
         self.device = torch.device(device)
         self._select_device()
         t = cfg.text
+        kv_heads = kv_heads or t.num_key_value_heads
         per_block = KVStorage.bytes_per_block(
-            t.num_hidden_layers, block_size, t.num_key_value_heads, t.head_dim, dtype
+            t.num_hidden_layers, block_size, kv_heads, t.head_dim, dtype
         )
-        use_graphs = graphs_enabled(cuda_graphs, self.device)
+        # Graph replay would skip the workers' announcement: tensor-parallel steps run eager.
+        use_graphs = graphs_enabled(cuda_graphs, self.device) and workers is None
+        if workers is not None and graphs_enabled(cuda_graphs, self.device):
+            log.info("CUDA graphs off: tensor-parallel steps run eager")
         total_blocks = kv_cache_bytes // per_block
         # Blocks the block manager hands out; with graphs the last one pads graph batches.
         self.num_blocks = total_blocks - 1 if use_graphs else total_blocks
@@ -72,9 +92,11 @@ class ModelRunner:
             )
         self.block_size = block_size
         self.storage = KVStorage(
-            t.num_hidden_layers, total_blocks, block_size, t.num_key_value_heads, t.head_dim,
-            dtype, self.device,
+            t.num_hidden_layers, total_blocks, block_size, kv_heads, t.head_dim, dtype,
+            self.device,
         )  # fmt: skip
+        if workers is not None:
+            workers.allocate_kv(total_blocks, block_size)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", total_blocks, block_size,
                  total_blocks * per_block / 2**20)  # fmt: skip
         self.graphs: DecodeGraphs | None = None
@@ -118,13 +140,29 @@ class ModelRunner:
         req.payload = PromptInputs(inp.embeds, inp.deepstack, inp.positions, inp.rope_delta,
                                    make_generator(req.params.seed, self.device))  # fmt: skip
 
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        """Call `on_lost(reason)` from another thread when a tensor-parallel worker exits."""
+        if self.workers is not None:
+            self.workers.watch(on_lost)
+
+    def kill_workers(self) -> None:
+        """After a failure: end the workers now (a forward waiting on them then fails)."""
+        if self.workers is not None:
+            self.workers.kill()
+
+    def close(self) -> None:
+        """Stop the workers and leave their group (torch thread, no forward in flight)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> dict[str, Sample]:
         """One forward over the chunks; returns a Sample for each chunk that ends its request's
-        known tokens."""
+        known tokens. Raises EngineFailed when a tensor-parallel forward fails."""
         self._select_device()
         replayed = self._replay(chunks) if self.graphs is not None else None
-        hidden, last_rows = replayed if replayed is not None else self._forward(chunks)
+        hidden, last_rows = replayed if replayed is not None else self._eager(chunks)
         if replayed is None and any(c.req.params.prompt_logprobs is not None for c in chunks):
             collect_prompt_logprobs(self.model.compute_logits, hidden, chunks)
         sampling = [(i, c) for i, c in enumerate(chunks) if c.samples]
@@ -136,6 +174,16 @@ class ModelRunner:
         samples = sample_rows(logits, inputs)
         return {c.req.id: s for (_, c), s in zip(sampling, samples, strict=True)}
 
+    def _eager(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
+        """`_forward`; with workers, any error in it is fatal (sampling after it, on rank 0
+        alone, is not: the ranks are in step again once the forward returned)."""
+        if self.workers is None:
+            return self._forward(chunks)
+        try:
+            return self._forward(chunks)
+        except Exception as e:
+            raise EngineFailed(self.workers.explain(e)) from e
+
     def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int]]:
         """The eager forward: hidden states `[T, H]` and each chunk's last row."""
         if all(c.length == 1 and c.start >= c.req.num_prompt for c in chunks):
@@ -146,8 +194,10 @@ class ModelRunner:
         for c in chunks:
             seqs.append(StepSeq(q_start, c.length, c.start + c.length, c.req.block_table))
             q_start += c.length
-        step = step_metadata(seqs, self.block_size, self.device)
-        hidden = self.model(x, positions, ForwardBatch(self.storage, step=step), deepstack)
+        step = StepInputs(x, positions, deepstack, seqs)
+        if self.workers is not None:
+            self.workers.send_step(step)
+        hidden = forward_step(self.model, self.storage, self.block_size, step)
         return hidden, [s.q_start + s.q_len - 1 for s in seqs]
 
     def _decode_inputs(

@@ -86,7 +86,9 @@ def build_directory() -> Path:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((CSRC / name).read_bytes())
-    digest.update(" ".join([*CFLAGS, torch.__version__, sys.version]).encode())
+    # The torch install too: its include paths are in the build's flags, so two virtualenvs
+    # sharing one directory would rebuild it in turn (about a minute each time on 2 cores).
+    digest.update(" ".join([*CFLAGS, torch.__version__, sys.version, torch.__file__]).encode())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return Path(root) / f"epd_cpu_kernels-{digest.hexdigest()[:16]}"
 

@@ -135,7 +135,12 @@ def fused_moe(
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=gate_up_proj.shape[0])
     routing = weights.flatten()
-    if _GROUPED_MM and x.dtype == gate_up_proj.dtype and x.dtype in _GROUPED_DTYPES:
+    if (
+        _GROUPED_MM
+        and x.dtype == gate_up_proj.dtype
+        and x.dtype in _GROUPED_DTYPES
+        and _aligned(x.element_size(), x.shape[1], down_proj.shape[-1])
+    ):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = x[order // k]  # [T*K, H] in expert order
         gate, up = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, -1)
@@ -152,6 +157,12 @@ def fused_moe(
         y = F.linear(F.silu(gate) * up, down_proj[e])  # [n, H]
         out[idx] = y * routing[idx, None]
     return out.view(t, k, -1).sum(dim=1)
+
+
+def _aligned(element_size: int, *dims: int) -> bool:
+    """`F.grouped_mm` takes rows of a multiple of 16 bytes only (a tensor-parallel shard of a
+    tiny expert, I/N = 6 floats, is not); the loop takes any."""
+    return all(d * element_size % 16 == 0 for d in dims)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -160,3 +160,13 @@ def test_cpu_limits_and_user_come_from_the_environment(variant: str) -> None:
         assert float(services[name]["deploy"]["resources"]["limits"]["cpus"]) == cpus, name
         assert services[name]["user"] == "1000:1000"
         assert services[name]["healthcheck"]["interval"] == "3s"
+
+
+@pytest.mark.parametrize("variant", COMPOSE_VARIANTS)
+def test_encoders_wait_passively_on_the_shared_host(variant: str) -> None:
+    services = compose_config(DEPLOY, COMPOSE_VARIANTS[variant])["services"]
+    assert services["encoder"]["environment"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in (services["language"].get("environment") or {})
+    own_host = {"EPD_ENCODER_OMP_WAIT_POLICY": "ACTIVE"}
+    services = compose_config(DEPLOY, COMPOSE_VARIANTS[variant], own_host)["services"]
+    assert services["encoder"]["environment"]["OMP_WAIT_POLICY"] == "ACTIVE"

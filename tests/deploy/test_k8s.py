@@ -384,3 +384,14 @@ def test_broken_copy_fails_to_render(deploy_copy: Path) -> None:
     (deploy_copy / "k8s" / "base" / "gateway.yaml").unlink()
     with pytest.raises(RenderError, match="gateway.yaml"):
         kustomize(deploy_copy / "k8s" / "overlays" / "cpu-dev")
+
+
+def test_encoders_wait_passively_in_every_kustomization(rendered: dict[str, list[Doc]]) -> None:
+    for kustomization, docs in rendered.items():
+        for d in docs:
+            if d["kind"] != "Deployment":
+                continue
+            env = {e["name"]: e.get("value") for c in _containers(d) for e in c.get("env", [])}
+            role = d["metadata"]["name"]
+            want = "PASSIVE" if role == "encoder" else None
+            assert env.get("OMP_WAIT_POLICY") == want, (kustomization, role)

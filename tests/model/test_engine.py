@@ -49,13 +49,18 @@ def build_requests(pipe: ColocatedPipeline, png, n: int, seed: int = 0):
     return reqs
 
 
-async def run_all(engine: Engine, reqs, stagger: float = 0.01, seeds=None):
+async def run_all(engine: Engine, reqs, stagger: float = 0.01, seeds=None, params_for=None):
+    """Every request at once (request i after `stagger * i` s); `params_for(i, max_tokens)`
+    gives its sampling (default: greedy, or temperature 1 with `seeds[i]`)."""
     await engine.start()
+
+    def default_params(i: int, max_tokens: int) -> SamplingParams:
+        seed = seeds[i] if seeds else None
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if seeds else 0.0, seed=seed)
 
     async def one(i, ids, images, max_tokens):
         await asyncio.sleep(stagger * i)
-        seed = seeds[i] if seeds else None
-        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if seeds else 0.0, seed=seed)
+        params = (params_for or default_params)(i, max_tokens)
         tokens, final = [], None
         async for ev in engine.generate(ids, params, images):
             if ev.sample is not None:

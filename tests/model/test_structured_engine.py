@@ -20,7 +20,7 @@ from services.language.engine.grammar import GrammarCompiler
 from services.language.engine.model_runner import ModelRunner
 from services.language.engine.scheduler import SchedulerConfig
 from services.language.weights import load_decoder
-from tests.model.test_engine import build_requests, expected_tokens
+from tests.model.test_engine import build_requests, expected_tokens, run_all
 
 SCHEMA = {
     "type": "object",
@@ -53,30 +53,16 @@ def specs(i: int) -> StructuredOutput | None:
 
 
 async def run(engine: Engine, reqs, temperature: float, stagger: float = 0.0):
-    await engine.start()
-
-    async def one(i, ids, images, max_tokens):
-        await asyncio.sleep(stagger * i)
+    def params(i: int, max_tokens: int) -> SamplingParams:
         spec = specs(i)
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=max_tokens if spec is None else 120,
             temperature=0.0 if spec is None else temperature,
             seed=i,
             structured=spec,
         )
-        tokens, final = [], None
-        async for ev in engine.generate(ids, params, images):
-            if ev.sample is not None:
-                tokens.append(ev.sample.token)
-            final = ev
-        return tokens, final
 
-    try:
-        return await asyncio.gather(
-            *(one(i, ids, imgs, mt) for i, (ids, imgs, mt, _, _) in enumerate(reqs))
-        )
-    finally:
-        await engine.stop()
+    return await run_all(engine, reqs, stagger, params_for=params)
 
 
 def check_constrained(tokenizer, i: int, tokens: list[int], reason: str) -> None:

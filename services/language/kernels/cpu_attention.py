@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from services.language.kernels import torch_ref
+from services.language.kernels import TorchAttention, torch_ref
 from services.language.kernels.cpu_ext import extension
 
 
-class CpuAttention:
-    """The `AttentionKernel` of the CPU backend (the same metadata as the torch reference)."""
-
-    def prepare(
-        self,
-        seqs: list[tuple[int, int, torch.Tensor]] | torch_ref.PagedMeta,
-        num_kv_heads: int,
-        device: torch.device,
-    ) -> object:
-        return seqs if isinstance(seqs, torch_ref.PagedMeta) else torch_ref.prepare_paged(seqs)
+class CpuAttention(TorchAttention):
+    """The `AttentionKernel` of the CPU backend: the torch reference's metadata (`prepare`) and
+    its prefill path, decode rows through the C++ kernel."""
 
     def __call__(
         self,
@@ -39,7 +32,7 @@ class CpuAttention:
         hq, hd = q.shape[1], q.shape[2]
         fits = hd % 16 == 0 and hd <= 256 and hq // k_cache.shape[1] <= 16
         if module is None or meta.decode_rows is None or not fits:
-            return torch_ref.paged_attention(q, k_cache, v_cache, meta, scale)
+            return super().__call__(q, k_cache, v_cache, meta, scale)
         assert meta.decode_slots is not None and meta.decode_lens is not None
         prefill_only = torch_ref.PagedMeta(None, None, None, meta.prefill)
         out = torch_ref.paged_attention(q, k_cache, v_cache, prefill_only, scale)

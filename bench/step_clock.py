@@ -88,8 +88,8 @@ class StepClock:
             self._time(layer, "layer")
             self._time(layer.input_layernorm, "attn input norm")
             self._time(attn, "self_attn")
-            fused = attn.qkv_proj.weight is not None
-            for proj in (attn.qkv_proj,) if fused else (attn.q_proj, attn.k_proj, attn.v_proj):
+            fused = attn.qkv_proj
+            for proj in (fused,) if fused is not None else (attn.q_proj, attn.k_proj, attn.v_proj):
                 self._time(proj, "q/k/v projections")
             self._time(attn.o_proj, "o projection")
             self._time(attn.q_norm, "q/k norms")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from common.config import ModelConfig
+from common.packed_linear import pack_linears
 from common.weights import Checkpoint, load_module
 from services.encoder.model import VisionTower
 
@@ -30,6 +31,7 @@ def load_vision_tower(
         dtype=dtype,
         device=device,
     )
+    pack_linears(tower)  # CPU: oneDNN's layout (common/packed_linear.py)
     return tower.eval()
 
 

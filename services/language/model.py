@@ -83,34 +83,6 @@ class MRotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-class FusedLinear(nn.Module):
-    """Linear layers that read the same input, run as one GEMM whose output is split back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-        self.sizes: list[int] = []
-
-    def fuse(self, layers: list[nn.Linear]) -> None:
-        with torch.no_grad():
-            weight = torch.cat([m.weight for m in layers])
-            has_bias = all(m.bias is not None for m in layers)
-            bias = torch.cat([m.bias for m in layers if m.bias is not None]) if has_bias else None
-            start = 0
-            for m in layers:
-                n = m.weight.shape[0]
-                m.weight.data = weight[start : start + n]
-                if bias is not None and m.bias is not None:
-                    m.bias.data = bias[start : start + n]
-                start += n
-        self.weight, self.bias, self.sizes = weight, bias, [m.weight.shape[0] for m in layers]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        assert self.weight is not None  # fused
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int) -> None:
         super().__init__()
@@ -124,19 +96,31 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.hq * self.hd, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        self.qkv_proj = FusedLinear()  # q/k/v in one GEMM once `fuse_qkv` ran
+        self.qkv_proj: nn.Module | None = None  # q/k/v in one GEMM once `fuse_qkv` ran
+        self.qkv_sizes: list[int] = []
 
     def fuse_qkv(self) -> None:
-        """One `[(Hq + 2 Hkv) * hd, H]` weight for the three projections: one GEMM instead of
-        three per layer. q/k/v_proj become views into it (no second copy). Called once after
-        loading (the checkpoint's names stay q/k/v_proj)."""
-        self.qkv_proj.fuse([self.q_proj, self.k_proj, self.v_proj])
+        """One `[(Hq + 2 Hkv) * hd, H]` linear layer for the three projections: one GEMM instead
+        of three per layer; q/k/v_proj are removed. Called once after loading (the checkpoint's
+        names stay q/k/v_proj)."""
+        layers = [self.q_proj, self.k_proj, self.v_proj]
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in layers])
+            biases: list[torch.Tensor] = [m.bias for m in layers if m.bias is not None]
+            bias = torch.cat(biases) if len(biases) == len(layers) else None
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            fused.bias = nn.Parameter(bias, requires_grad=False)
+        self.qkv_sizes = [m.weight.shape[0] for m in layers]
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q `[T, Hq*hd]`, k and v `[T, Hkv*hd]`."""
-        if self.qkv_proj.weight is None:
+        if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.qkv_proj(x)
+        return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend

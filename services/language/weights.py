@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.config import ModelConfig
+from common.packed_linear import pack_linears
 from common.weights import Checkpoint, load_module
 from services.language.model import Attention, Experts, Qwen3MoeForCausalLM
 
@@ -48,6 +49,7 @@ def load_decoder(
             module.use_kernel_layout()
         elif isinstance(module, Attention):
             module.fuse_qkv()
+    pack_linears(model)  # CPU: oneDNN's layout (common/packed_linear.py)
     return model.eval()
 
 

@@ -35,3 +35,33 @@ def test_decode_rows_equal_the_reference(dtype, hq, hkv, hd):
     ref = torch_ref.paged_attention(q.float(), k.float(), v.float(), seqs, hd**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (ours.float() - ref).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_prefill_chunks_run_as_rows_and_long_ones_through_sdpa(dtype):
+    """A step of decode rows, a prompt of 20, and a chunk of 7 continuing a prompt (past 30):
+    every row through the kernel (causal per row). A chunk past MAX_ROW_CONTEXT sends the
+    prefill to the reference; both equal the reference."""
+    from services.language.kernels.cpu_attention import MAX_ROW_CONTEXT, RowsMeta
+
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, hd, total = 8, 2, 64, 2 * MAX_ROW_CONTEXT + 200
+    k = torch.randn(total, hkv, hd, generator=g).to(dtype)
+    v = torch.randn(total, hkv, hd, generator=g).to(dtype)
+    perm = torch.randperm(total, generator=g)
+    backend = CpuAttention()
+    for long in (False, True):
+        first = MAX_ROW_CONTEXT + 10 if long else 20
+        seqs = [
+            (0, 1, perm[:40]),
+            (1, first, perm[40 : 40 + first]),
+            (1 + first, 7, perm[40 + first : 40 + first + 37]),
+            (8 + first, 1, perm[100 + first : 103 + first]),
+        ]
+        q = torch.randn(9 + first, hq, hd, generator=g).to(dtype)
+        meta = backend.prepare(seqs, hkv, q.device)
+        assert isinstance(meta, RowsMeta) != long
+        ours = backend(q, k, v, meta, hd**-0.5)
+        ref = torch_ref.paged_attention(q.float(), k.float(), v.float(), seqs, hd**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (ours.float() - ref).abs().max().item() < tol

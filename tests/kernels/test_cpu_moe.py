@@ -90,3 +90,28 @@ def test_packed_weights_pick_the_kernel_and_others_fall_back(dtype):
     odd = torch.randn(4, 48, 64)
     assert cpu_moe.pack_experts(odd).shape == odd.shape
     assert torch.equal(cpu_moe.pack_experts(odd), odd)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dpbf16", [False, True])
+def test_cpp_tiles_over_several_k_blocks_and_row_tiles(dpbf16):
+    """Hidden 512 and intermediate 384: the tiles' k-blocks (128 fp32 / 256 bf16 weights deep,
+    384 leaving a partial block in bf16), and ~16 rows per expert: several 6-row tiles and a
+    partial one."""
+    g = torch.Generator().manual_seed(11)
+    e, h, i, t = 5, 512, 384, 40
+    dtype = torch.bfloat16 if dpbf16 else torch.float32
+    gu = (torch.randn(e, 2 * i, h, generator=g) * h**-0.5).to(dtype)
+    dn = (torch.randn(e, h, i, generator=g) * i**-0.5).to(dtype)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    w, ex = torch.topk(torch.softmax(torch.randn(t, e, generator=g), -1), 2, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).to(dtype)
+    exact = torch_ref.fused_moe(x.float(), gu.float(), dn.float(), w.float(), ex)
+    ours = cpu_moe.cpp_moe(
+        x, cpu_moe.prepare_cpp(gu, dpbf16), cpu_moe.prepare_cpp(dn, dpbf16), w, ex, dpbf16
+    )
+    if dpbf16:
+        ref_err = (reference(x, gu, dn, w, ex).float() - exact).abs().max().item()
+        assert (ours.float() - exact).abs().max().item() <= ref_err
+    else:
+        assert (ours - exact).abs().max().item() < 1e-5 * exact.abs().max().item()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("module.cpp", "cpu_moe.cpp", "cpu_attention.cpp")
+HEADERS = ("vec_math.h",)
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
 
@@ -84,7 +85,7 @@ def build_directory() -> Path:
     import torch
 
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         digest.update((CSRC / name).read_bytes())
     # The torch install too: its include paths are in the build's flags, so two virtualenvs
     # sharing one directory would rebuild it in turn (about a minute each time on 2 cores).

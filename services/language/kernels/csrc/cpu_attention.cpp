@@ -1,13 +1,17 @@
-// Decode attention over the paged KV cache, read in place (no gathered copy of the context), as
-// vLLM's CPU backend does (vllm/v1/attention/backends/cpu_attn.py): one new token per sequence.
+// Attention of query rows over the paged KV cache, read in place (no gathered copy of the
+// context), as vLLM's CPU backend does for decode (vllm/v1/attention/backends/cpu_attn.py). A
+// row is one query token: a decode row, or one token of a prefill chunk (causal: it sees the
+// keys up to its own position), so a step of short prompts is one call instead of an SDPA per
+// prompt.
 //
-//   q        [B, Hq, hd]        the decode rows' queries (fp32 or bf16)
+//   q        [R, Hq, hd]        the rows' queries (fp32 or bf16)
 //   k, v     [slots, Hkv, hd]   one layer's cache (same dtype)
-//   slots    [B, L] int64       slot of token t of sequence b (rows padded past their length)
-//   lens     [B] int64          tokens of each sequence, the new one included
-//   -> out   [B, Hq, hd]
+//   slots    [S, L] int64       slot of token t of sequence s (padded past its length)
+//   lens     [R] int64          keys row r sees (its sequence's first lens[r] tokens)
+//   seq      [R] int64          row r's sequence (empty: row r is sequence r)
+//   -> out   [R, Hq, hd]
 //
-// Work items are (sequence, KV head): the g = Hq/Hkv query heads that share a KV head read each
+// Work items are (row, KV head): the g = Hq/Hkv query heads that share a KV head read each
 // key and value once. Keys come in blocks of 16 tokens: the block's scores for every query head
 // (AVX-512 dot products), an online-softmax update of fp32 accumulators with a vectorised exp,
 // then the values; a long context never needs a buffer. hd must be a multiple of 16.
@@ -21,55 +25,29 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 using bf16 = c10::BFloat16;
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(bf16* p, __m512 v) {
-  // Round to nearest even, as torch's float -> bfloat16 conversion does.
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
-
-// exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into 2^n * 2^f, a
-// degree-6 polynomial for 2^f on [-0.5, 0.5] (relative error < 2e-7), -inf -> 0.
-inline __m512 exp16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)),
-                                 _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using epd_vec::exp16;
+using epd_vec::load16;
+using epd_vec::store16;
 
 constexpr int TB = 16;     // tokens per block: one zmm of scores per query head
 constexpr int MAX_G = 16;  // query heads per KV head
 constexpr int MAX_D = 16;  // hd / 16
 
 template <typename T>
-void decode_impl(const T* q, const T* k, const T* v, const int64_t* slots, const int64_t* lens,
-                 T* out, int B, int Hq, int Hkv, int hd, int L, float scale) {
+void rows_impl(const T* q, const T* k, const T* v, const int64_t* slots, const int64_t* lens,
+               const int64_t* seq, T* out, int B, int Hq, int Hkv, int hd, int L, float scale) {
   const int g = Hq / Hkv, nd = hd / 16;
 #pragma omp parallel for num_threads(at::get_num_threads()) schedule(dynamic, 1)
   for (int item = 0; item < B * Hkv; ++item) {
     const int b = item / Hkv, h = item % Hkv;
     const int n = static_cast<int>(lens[b]);
-    const int64_t* srow = slots + (int64_t)b * L;
+    const int64_t* srow = slots + (seq ? seq[b] : b) * L;
     __m512 qv[MAX_G][MAX_D], acc[MAX_G][MAX_D];
     float m[MAX_G], l[MAX_G];
     alignas(64) float s[MAX_G][TB];
@@ -126,9 +104,10 @@ void decode_impl(const T* q, const T* k, const T* v, const int64_t* slots, const
 
 }  // namespace
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                               torch::Tensor slots, torch::Tensor lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [B, Hq, hd], k/v [S, Hkv, hd]");
+torch::Tensor paged_attention_rows(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                  torch::Tensor slots, torch::Tensor lens, torch::Tensor seq,
+                                  double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [R, Hq, hd], k/v [S, Hkv, hd]");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "the cache must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "q, k and v share a dtype");
@@ -139,18 +118,22 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   auto qc = q.contiguous();
   auto sl = slots.to(torch::kInt64).contiguous();
   auto ln = lens.to(torch::kInt64).contiguous();
-  TORCH_CHECK(sl.dim() == 2 && sl.size(0) == B && ln.numel() == B, "slots [B, L], lens [B]");
+  auto sq = seq.to(torch::kInt64).contiguous();
+  const bool by_seq = sq.numel() > 0;
+  TORCH_CHECK(sl.dim() == 2 && ln.numel() == B && (by_seq ? sq.numel() == B : sl.size(0) == B),
+              "slots [S, L], lens [R], seq [R] (or empty: row r reads slots row r)");
   auto out = torch::empty_like(qc);
   const int L = sl.size(1);
+  const int64_t* seqp = by_seq ? sq.data_ptr<int64_t>() : nullptr;
   if (q.scalar_type() == torch::kFloat32) {
-    decode_impl<float>(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                       sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), out.data_ptr<float>(), B,
-                       Hq, Hkv, hd, L, static_cast<float>(scale));
+    rows_impl<float>(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                     sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), seqp, out.data_ptr<float>(),
+                     B, Hq, Hkv, hd, L, static_cast<float>(scale));
   } else {
     TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "fp32 or bf16");
-    decode_impl<bf16>(qc.data_ptr<bf16>(), k.data_ptr<bf16>(), v.data_ptr<bf16>(),
-                      sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), out.data_ptr<bf16>(), B,
-                      Hq, Hkv, hd, L, static_cast<float>(scale));
+    rows_impl<bf16>(qc.data_ptr<bf16>(), k.data_ptr<bf16>(), v.data_ptr<bf16>(),
+                    sl.data_ptr<int64_t>(), ln.data_ptr<int64_t>(), seqp, out.data_ptr<bf16>(),
+                    B, Hq, Hkv, hd, L, static_cast<float>(scale));
   }
   return out;
 }

@@ -4,8 +4,8 @@
 //   - the T*K (token, slot) rows are grouped by expert with a counting sort;
 //   - work items are (expert that received rows, block of 64 output columns), handed out to the
 //     OpenMP threads dynamically, so only those experts' weights are read and two threads split
-//     even a single expert;
-//   - an 8-row x 32-column register tile of fp32 FMAs over weights packed once at load into
+//     even a single expert; tiles read the rows through pointers (no gathered copy per task);
+//   - a 6-row x 64-column register tile of fp32 FMAs over weights packed once at load into
 //     16-column panels ([E, N/16, K, 16]: one 64-byte load per k per panel), or k-paired panels
 //     ([E, N/16, K/2, 16, 2]) for vdpbf16ps; fp32 accumulation throughout;
 //   - silu(gate) * up fused into the first GEMM's tile (rounded to bf16 on the bf16 path, as the
@@ -20,7 +20,10 @@
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#include "vec_math.h"
 
 namespace {
 
@@ -29,83 +32,90 @@ using bf16 = c10::BFloat16;
 inline float to_f(float v) { return v; }
 inline float to_f(bf16 v) { return static_cast<float>(v); }
 
-// 16 weights of one packed panel row -> fp32 lanes.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using epd_vec::exp16;
+using epd_vec::load16;
+using epd_vec::store16;
 
-// C[M, 32] = A[M, K] (fp32, row stride K) @ B (two 16-column panels [K, 16] each).
-template <int M, typename w_t>
-inline void tile(const float* A, int K, const w_t* B0, const w_t* B1, float* C, int ldc) {
-  __m512 acc[M][2];
-  for (int m = 0; m < M; ++m) { acc[m][0] = _mm512_setzero_ps(); acc[m][1] = _mm512_setzero_ps(); }
-  for (int k = 0; k < K; ++k) {
-    __m512 b0 = load16(B0 + k * 16), b1 = load16(B1 + k * 16);
-    for (int m = 0; m < M; ++m) {
-      __m512 a = _mm512_set1_ps(A[m * K + k]);
-      acc[m][0] = _mm512_fmadd_ps(a, b0, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(a, b1, acc[m][1]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    _mm512_storeu_ps(C + m * ldc, acc[m][0]);
-    _mm512_storeu_ps(C + m * ldc + 16, acc[m][1]);
-  }
-}
-
-// The same with k paired for vdpbf16ps: A is bf16 [M, K] (pairs read as one 32-bit lane),
-// B panels are [K/2, 16, 2] bf16.
-template <int M>
-inline void tile_dp(const bf16* A, int K, const bf16* B0, const bf16* B1, float* C, int ldc) {
-  __m512 acc[M][2];
-  for (int m = 0; m < M; ++m) { acc[m][0] = _mm512_setzero_ps(); acc[m][1] = _mm512_setzero_ps(); }
-  const int32_t* a32 = reinterpret_cast<const int32_t*>(A);
-  for (int k2 = 0; k2 < K / 2; ++k2) {
-    __m512bh b0 = (__m512bh)_mm512_loadu_si512(B0 + k2 * 32);
-    __m512bh b1 = (__m512bh)_mm512_loadu_si512(B1 + k2 * 32);
-    for (int m = 0; m < M; ++m) {
-      __m512bh a = (__m512bh)_mm512_set1_epi32(a32[m * (K / 2) + k2]);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, b0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, b1);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    _mm512_storeu_ps(C + m * ldc, acc[m][0]);
-    _mm512_storeu_ps(C + m * ldc + 16, acc[m][1]);
-  }
-}
-
-template <typename a_t, typename w_t, bool DP>
-inline void tile_any(int m, const a_t* A, int K, const w_t* B0, const w_t* B1, float* C, int ldc) {
+// C[M, 64] = A[M, K] (rows at `A[m]`) @ B: four consecutive 16-column panels of `16 * K`
+// weights each, fp32 [K, 16] (one 64-byte load per k) or k-paired bf16 [K/2, 16, 2] for
+// vdpbf16ps (DP; A rows bf16, pairs read as one 32-bit lane). M <= 6: 24 accumulators + 4
+// weight registers, so each k costs 4 loads + M broadcasts for 4M FMAs (an 8x32 tile took 10
+// loads per 16 FMAs and ran at ~65% of the FMA peak).
+//
+// One call covers k in [k0, k0 + KB): A and B point at k0's elements, panels lie `ps` weights
+// apart, and `add` accumulates onto C (the k-blocks after the first), so one block of weights
+// (4 panels x KB, 32 KB) stays in L1 while the rows of a whole expert stream past it.
+template <int M, bool DP, typename a_t, typename w_t>
+inline void tile(const a_t* const* A, int k0, int KB, const w_t* B, int64_t ps, float* C,
+                 int ldc, bool add) {
+  constexpr int NP = 4;
+  const int K = KB;
+  B += (int64_t)k0 * 16;  // fp32 [K, 16] or bf16 [K/2, 16, 2]: 16 weights per k either way
+  __m512 acc[M][NP];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NP; ++j)
+      acc[m][j] = add ? _mm512_loadu_ps(C + m * ldc + j * 16) : _mm512_setzero_ps();
   if constexpr (DP) {
-    switch (m) {
-      case 1: tile_dp<1>(A, K, B0, B1, C, ldc); break;
-      case 2: tile_dp<2>(A, K, B0, B1, C, ldc); break;
-      case 3: tile_dp<3>(A, K, B0, B1, C, ldc); break;
-      case 4: tile_dp<4>(A, K, B0, B1, C, ldc); break;
-      case 5: tile_dp<5>(A, K, B0, B1, C, ldc); break;
-      case 6: tile_dp<6>(A, K, B0, B1, C, ldc); break;
-      case 7: tile_dp<7>(A, K, B0, B1, C, ldc); break;
-      default: tile_dp<8>(A, K, B0, B1, C, ldc); break;
+    const int32_t* a32[M];
+    for (int m = 0; m < M; ++m) a32[m] = reinterpret_cast<const int32_t*>(A[m] + k0);
+    for (int k2 = 0; k2 < K / 2; ++k2) {
+      __m512bh b[NP];
+      for (int j = 0; j < NP; ++j)
+      {
+        b[j] = (__m512bh)_mm512_loadu_si512(B + j * ps + k2 * 32);
+        asm("" : "+v"(b[j]));  // one load per weight vector, as above
+      }
+      for (int m = 0; m < M; ++m) {
+        __m512bh a = (__m512bh)_mm512_set1_epi32(a32[m][k2]);
+        for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], a, b[j]);
+      }
     }
   } else {
-    switch (m) {
-      case 1: tile<1>(A, K, B0, B1, C, ldc); break;
-      case 2: tile<2>(A, K, B0, B1, C, ldc); break;
-      case 3: tile<3>(A, K, B0, B1, C, ldc); break;
-      case 4: tile<4>(A, K, B0, B1, C, ldc); break;
-      case 5: tile<5>(A, K, B0, B1, C, ldc); break;
-      case 6: tile<6>(A, K, B0, B1, C, ldc); break;
-      case 7: tile<7>(A, K, B0, B1, C, ldc); break;
-      default: tile<8>(A, K, B0, B1, C, ldc); break;
+    for (int k = 0; k < K; ++k) {
+      __m512 b[NP];
+      for (int j = 0; j < NP; ++j) {
+        b[j] = load16(B + j * ps + k * 16);
+        // Keep b in a register: gcc otherwise folds the load into each row's FMA, M loads
+        // of every weight vector instead of one (load-port bound at ~77% of the FMA peak).
+        asm("" : "+v"(b[j]));
+      }
+      for (int m = 0; m < M; ++m) {
+        __m512 a = _mm512_set1_ps(to_f(A[m][k0 + k]));
+        for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_fmadd_ps(a, b[j], acc[m][j]);
+      }
     }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NP; ++j) _mm512_storeu_ps(C + m * ldc + j * 16, acc[m][j]);
+}
+
+template <bool DP, typename a_t, typename w_t>
+inline void tile_any(int m, const a_t* const* A, int k0, int KB, const w_t* B, int64_t ps,
+                     float* C, int ldc, bool add) {
+  switch (m) {
+    case 1: tile<1, DP>(A, k0, KB, B, ps, C, ldc, add); break;
+    case 2: tile<2, DP>(A, k0, KB, B, ps, C, ldc, add); break;
+    case 3: tile<3, DP>(A, k0, KB, B, ps, C, ldc, add); break;
+    case 4: tile<4, DP>(A, k0, KB, B, ps, C, ldc, add); break;
+    case 5: tile<5, DP>(A, k0, KB, B, ps, C, ldc, add); break;
+    default: tile<6, DP>(A, k0, KB, B, ps, C, ldc, add); break;
   }
 }
 
-constexpr int MT = 8;    // rows per register tile
-constexpr int BN = 64;   // output columns per work item (4 panels)
+// C[rows, 64] (+)= A[rows, K] @ 4 panels, k-block by k-block, each over all the rows.
+template <bool DP, typename a_t, typename w_t>
+inline void gemm_rows(int rows, const a_t* const* A, int K, const w_t* B, float* C, int ldc) {
+  constexpr int KB = DP ? 256 : 128;  // 4 panels x KB weights = 32 KB
+  const int64_t ps = (int64_t)16 * K;
+  for (int k0 = 0; k0 < K; k0 += KB) {
+    const int kb = std::min(KB, K - k0);
+    for (int m0 = 0; m0 < rows; m0 += 6)
+      tile_any<DP>(std::min(6, rows - m0), A + m0, k0, kb, B, ps, C + (int64_t)m0 * ldc, ldc,
+                   k0 > 0);
+  }
+}
+
+constexpr int BN = 64;   // output columns per work item and tile (4 panels)
 
 // scalar_t: activations and output; w_t: weights; DP: vdpbf16ps (bf16 only).
 template <typename scalar_t, typename w_t, bool DP>
@@ -133,8 +143,13 @@ torch::Tensor moe_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor w2,
   std::vector<int> active;
   for (int e = 0; e < E; ++e) if (count[e]) active.push_back(e);
 
-  // h [R, I]: silu(gate) * up per sorted row; y [R, H]: its down projection (fp32).
+  // The GEMM input rows: x itself where its dtype is the tiles' (fp32, or bf16 for vdpbf16ps),
+  // else x converted once (bf16 activations on fp32 tiles). Tiles read rows through pointers,
+  // so an expert's rows are never gathered into a copy.
   auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  torch::Tensor xa = std::is_same_v<a_t, scalar_t> ? x : x.to(torch::kFloat32);
+  const a_t* xap = reinterpret_cast<const a_t*>(xa.data_ptr());
+  // h [R, I]: silu(gate) * up per sorted row; y [R, H]: its down projection (fp32).
   torch::Tensor h = DP ? torch::empty({R, I}, x.options().dtype(torch::kBFloat16))
                        : torch::empty({R, I}, f32);
   torch::Tensor y = torch::empty({R, H}, f32);
@@ -149,31 +164,26 @@ torch::Tensor moe_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor w2,
     const int tasks = (int)active.size() * nb;
 #pragma omp parallel num_threads(nthreads)
     {
-      std::vector<a_t> A(MT * H);
-      std::vector<float> G(MT * BN), U(MT * BN);
+      std::vector<const a_t*> A;
+      std::vector<float> G, U;
 #pragma omp for schedule(dynamic, 1)
       for (int task = 0; task < tasks; ++task) {
-        const int e = active[task / nb], n0 = (task % nb) * BN;
+        const int e = active[task / nb], n0 = (task % nb) * BN, rows = count[e];
         const w_t* we = w13p + e * w13_expert;
-        for (int m0 = 0; m0 < count[e]; m0 += MT) {
-          const int mm = std::min(MT, count[e] - m0);
-          for (int m = 0; m < mm; ++m) {
-            const scalar_t* src = xp + (int64_t)row_token[start[e] + m0 + m] * H;
-            for (int c = 0; c < H; ++c) A[m * H + c] = static_cast<a_t>(to_f(src[c]));
-          }
-          for (int p = 0; p < BN; p += 32) {
-            const int gp = (n0 + p) / 16, up = (I + n0 + p) / 16;  // panel indexes
-            tile_any<a_t, w_t, DP>(mm, A.data(), H, we + (int64_t)gp * 16 * H,
-                                   we + (int64_t)(gp + 1) * 16 * H, G.data() + p, BN);
-            tile_any<a_t, w_t, DP>(mm, A.data(), H, we + (int64_t)up * 16 * H,
-                                   we + (int64_t)(up + 1) * 16 * H, U.data() + p, BN);
-          }
-          for (int m = 0; m < mm; ++m) {
-            a_t* dst = hp + (int64_t)(start[e] + m0 + m) * I + n0;
-            for (int c = 0; c < BN; ++c) {
-              const float g = G[m * BN + c];
-              dst[c] = static_cast<a_t>(g / (1.f + std::exp(-g)) * U[m * BN + c]);
-            }
+        A.resize(rows);
+        G.resize((size_t)rows * BN);
+        U.resize((size_t)rows * BN);
+        for (int m = 0; m < rows; ++m) A[m] = xap + (int64_t)row_token[start[e] + m] * H;
+        const int gp = n0 / 16, up = (I + n0) / 16;  // first gate / up panel
+        gemm_rows<DP>(rows, A.data(), H, we + (int64_t)gp * 16 * H, G.data(), BN);
+        gemm_rows<DP>(rows, A.data(), H, we + (int64_t)up * 16 * H, U.data(), BN);
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (int m = 0; m < rows; ++m) {
+          a_t* dst = hp + (int64_t)(start[e] + m) * I + n0;
+          for (int c = 0; c < BN; c += 16) {  // silu(g) * u = g / (1 + exp(-g)) * u
+            const __m512 g = _mm512_loadu_ps(&G[m * BN + c]), u = _mm512_loadu_ps(&U[m * BN + c]);
+            const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+            store16(dst + c, _mm512_mul_ps(_mm512_div_ps(g, den), u));
           }
         }
       }
@@ -187,16 +197,10 @@ torch::Tensor moe_impl(torch::Tensor x, torch::Tensor w13, torch::Tensor w2,
     for (int task = 0; task < tasks; ++task) {
       const int e = active[task / nb], n0 = (task % nb) * BN;
       const w_t* we = w2p + e * w2_expert;
-      for (int m0 = 0; m0 < count[e]; m0 += MT) {
-        const int mm = std::min(MT, count[e] - m0);
-        const a_t* A = hp + (int64_t)(start[e] + m0) * I;
-        for (int p = 0; p < BN; p += 32) {
-          const int pn = (n0 + p) / 16;
-          tile_any<a_t, w_t, DP>(mm, A, I, we + (int64_t)pn * 16 * I,
-                                 we + (int64_t)(pn + 1) * 16 * I,
-                                 yp + (int64_t)(start[e] + m0) * H + n0 + p, H);
-        }
-      }
+      std::vector<const a_t*> A(count[e]);
+      for (int m = 0; m < count[e]; ++m) A[m] = hp + (int64_t)(start[e] + m) * I;
+      gemm_rows<DP>(count[e], A.data(), I, we + (int64_t)(n0 / 16) * 16 * I,
+                    yp + (int64_t)start[e] * H + n0, H);
     }
   }
   // Stage 3: out[t] = sum_j w[t, j] * y[pos(t, j)], in fp32, top-k order.

@@ -32,6 +32,7 @@ def load_vision_tower(
         device=device,
     )
     pack_linears(tower)  # CPU: oneDNN's layout (common/packed_linear.py)
+    tower.patch_embed.pack()
     return tower.eval()
 
 

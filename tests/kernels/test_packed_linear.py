@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
-from common.packed_linear import PackedLinear, onednn_available, pack_linears
+from common.packed_linear import PackedLinear, linear_gelu, onednn_available, pack_linears
 from services.encoder.weights import load_vision_tower
 from services.language.weights import load_decoder
 
@@ -60,3 +60,20 @@ def test_the_loaded_decoder_and_tower_use_packed_linears(tiny_model):
     tower = load_vision_tower(tiny_model, cfg)
     assert not [n for n, m in tower.named_modules() if type(m) is nn.Linear]
     assert any(isinstance(m, PackedLinear) for m in tower.modules())
+    assert tower.patch_embed.packed is not None  # the patch conv as a linear layer
+    pixels = torch.randn(2 * 16, tower.patch_embed.packed.in_features)
+    conv = tower.patch_embed.proj(pixels.view(-1, *tower.patch_embed.proj.weight.shape[1:]))
+    ours = tower.patch_embed(pixels, [16, 16])
+    assert (ours - conv.view(ours.shape)).abs().max().item() < 1e-5 * conv.abs().max().item()
+
+
+def test_linear_gelu_fuses_the_activation_into_packed_layers():
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(256, 1024)
+    x = torch.randn(50, 256, generator=g)
+    packed = PackedLinear(lin.weight, lin.bias)
+    for approximate in ("none", "tanh"):
+        ref = F.gelu(packed(x), approximate=approximate)
+        assert (linear_gelu(packed, x, approximate) - ref).abs().max().item() < 1e-6
+        plain = F.gelu(lin(x), approximate=approximate)
+        assert torch.equal(linear_gelu(lin, x, approximate), plain)  # unpacked: F.gelu

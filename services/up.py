@@ -280,6 +280,9 @@ def running_stack(cfg: StackConfig, timeout: float = 300.0) -> Iterator[Stack]:
         stack.stop()
 
 
+ENCODER_SPIN_COUNT = "1000"  # libgomp pauses an encoder's idle thread spins before it sleeps
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -293,15 +296,19 @@ def omp_environment(role: str, threads: str, environ: Mapping[str, str]) -> dict
     spinning after each one takes the cores the language service is decoding on. Measured on 2
     cores (`epd up`, small checkpoint, concurrency 8, two runs each): both roles spinning 148
     tok/s with images, 542 text only; both passive 176-182 / 388-422; the encoder passive and
-    the language service spinning 190-200 / 527-530. So the encoder waits passively, unless
-    the environment already says how to wait. (Under other load on the same cores a spinning
-    team can be 10x slower, waiting on its own preempted threads: there, set
-    OMP_WAIT_POLICY=PASSIVE, which `epd up` then passes to every role.)"""
+    the language service spinning 190-200 / 527-530. Waiting passively costs the encoder a
+    futex wake-up at each of a forward's hundreds of regions, though: a 224x224 tower forward
+    took 22-25 ms passive, 15.2-15.9 ms spinning 1,000 pauses (GOMP_SPINCOUNT=1000: the gaps
+    between one forward's regions, not the idle time after it) and ~14 ms spinning by
+    default. So the encoder spins 1,000 pauses, unless the environment already says how to
+    wait. (Under other load on the same cores a spinning team can be 10x slower, waiting on its
+    own preempted threads: there, set OMP_WAIT_POLICY=PASSIVE, which `epd up` then passes to
+    every role.)"""
     if role != "encoder" or threads == "none":
         return {}
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": ENCODER_SPIN_COUNT}
 
 
 def thread_budget(cores: int, encoders: int) -> tuple[int, int]:
@@ -346,7 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the roles use the cores: share = every forward takes the cores no other role "
         "is using (a role alone gets all of them, busy roles never oversubscribe them); split = "
         "half to the language service, half to the encoders, fixed (with share and split the "
-        "encoders' OpenMP threads wait passively, OMP_WAIT_POLICY=PASSIVE, unless the "
+        "encoders' idle OpenMP threads spin only briefly, GOMP_SPINCOUNT=1000, unless the "
         "environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT); none = torch's default",
     )
 

@@ -1,5 +1,6 @@
-"""`epd encoder`'s batch default follows the device: small on CPU, where a forward costs the sum
-of its images, large on CUDA; an explicit flag wins on both."""
+"""`epd encoder`'s batch defaults follow the device: small batches and no wait on CPU, where a
+forward costs the sum of its images, large batches after a short wait on CUDA; an explicit flag
+wins on both."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import argparse
 
 import pytest
 
-from services.encoder.__main__ import CPU_BATCH_IMAGES, add_arguments, config_from_args
+from services.encoder.__main__ import (
+    CPU_BATCH_IMAGES,
+    CPU_MAX_WAIT_MS,
+    add_arguments,
+    config_from_args,
+)
 from services.encoder.encoder import EncoderConfig
 
 
@@ -34,3 +40,17 @@ def test_batch_images_default_by_device(argv, images):
 def test_zero_batch_images_is_refused():
     with pytest.raises(ValueError, match="max_batch_images must be positive"):
         _config("--max-batch-images", "0")
+
+
+@pytest.mark.parametrize(
+    ("argv", "wait_s"),
+    [
+        ((), CPU_MAX_WAIT_MS / 1000),
+        (("--device", "cuda"), EncoderConfig.max_wait_s),
+        (("--max-wait-ms", "2"), 0.002),
+        (("--device", "cuda", "--max-wait-ms", "0"), 0.0),
+    ],
+)
+def test_batch_wait_default_by_device(argv, wait_s):
+    assert CPU_MAX_WAIT_MS == 0.0  # an idle CPU tower starts on the first image
+    assert _config(*argv).max_wait_s == wait_s

@@ -25,6 +25,7 @@ from services.language.kernels import (
     add_rms_norm_kernel,
     moe_kernel,
     moe_weight_layout,
+    qk_norm_rope_kernel,
     rms_norm_kernel,
 )
 
@@ -43,11 +44,6 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused `residual + x` and its norm: returns (normed, new_residual)."""
         return add_rms_norm_kernel(x.device)(x, residual, self.weight, self.eps)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class MRotaryEmbedding(nn.Module):
@@ -127,12 +123,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.project(x)
-        q = self.q_norm(q.reshape(t, self.hq, self.hd))
-        k = self.k_norm(k.reshape(t, self.hkv, self.hd))
+        q, k = qk_norm_rope_kernel(x.device)(
+            q,
+            k,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            cos,
+            sin,
+            (self.hq, self.hkv),
+            self.q_norm.eps,
+        )  # [T, Hq, hd], [T, Hkv, hd]: q_norm / k_norm per head, then RoPE
         v = v.reshape(t, self.hkv, self.hd)
-        c, s = cos[:, None, :], sin[:, None, :]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
         out = backend.attend(self.layer, q, k, v, self.scale)  # [T, Hq, hd]
         return self.o_proj(out.reshape(t, self.hq * self.hd))
 

@@ -17,7 +17,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_device_picks_backend(monkeypatch) -> None:
-    from services.language.kernels import cpu_ext, cpu_moe
+    from services.language.kernels import cpu_ext, cpu_moe, cpu_norm
     from services.language.kernels.cpu_attention import CpuAttention
 
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
@@ -27,13 +27,16 @@ def test_device_picks_backend(monkeypatch) -> None:
         assert kernels.moe_kernel(CPU) is cpu_moe.fused_moe
         assert kernels.moe_weight_layout(CPU) is cpu_moe.pack_experts
         assert isinstance(kernels.attention_kernel(CPU), CpuAttention)
+        assert kernels.rms_norm_kernel(CPU) is cpu_norm.rms_norm
+        assert kernels.add_rms_norm_kernel(CPU) is cpu_norm.add_rms_norm
+        assert kernels.qk_norm_rope_kernel(CPU) is cpu_norm.qk_norm_rope
     else:
         assert kernels.backend_for(CPU) == "torch"
         assert kernels.moe_kernel(CPU) is torch_ref.fused_moe
         assert isinstance(kernels.attention_kernel(CPU), kernels.TorchAttention)
     assert kernels.backend_for(CUDA) == "triton"
     assert kernels.moe_kernel(CPU, force="torch") is torch_ref.fused_moe
-    assert kernels.rms_norm_kernel(CPU) is torch_ref.rms_norm
+    assert kernels.rms_norm_kernel(CPU, force="torch") is torch_ref.rms_norm
 
 
 def test_flag_and_env_force(monkeypatch) -> None:

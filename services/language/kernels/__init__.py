@@ -2,9 +2,10 @@
 
 `torch_ref` holds the plain-torch reference implementations, which run everywhere
 and define the expected results. The `triton_*` modules hold the GPU kernels, imported lazily and
-chosen for CUDA tensors when Triton is installed. `cpu_moe` and `cpu_attention` hold the C++
-expert and decode-attention kernels (`cpu_ext` builds them), chosen for CPU tensors on CPUs with
-AVX-512 where they build (norms and prefill attention stay the reference).
+chosen for CUDA tensors when Triton is installed. `cpu_moe`, `cpu_attention` and `cpu_norm` hold
+the C++ expert, paged-attention and norm / rotary kernels (`cpu_ext` builds them), chosen for CPU
+tensors on CPUs with AVX-512 where they build (long prefill chunks' attention stays the
+reference).
 `EPD_KERNELS=torch|triton|cpu` (or `force=`) picks one for every device; forcing Triton on a CPU
 tensor works only under `TRITON_INTERPRET=1`.
 """
@@ -47,6 +48,20 @@ class NormFn(Protocol):
 class AddNormFn(Protocol):
     def __call__(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class QkNormRopeFn(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: tuple[int, int],
+        eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -121,19 +136,39 @@ def moe_weight_layout(
 
 
 def rms_norm_kernel(device: torch.device, force: str | None = None) -> NormFn:
-    if backend_for(device, force) == "triton":
+    backend = backend_for(device, force)
+    if backend == "triton":
         from services.language.kernels import triton_norm
 
         return triton_norm.rms_norm
+    if backend == "cpu":
+        from services.language.kernels import cpu_norm
+
+        return cpu_norm.rms_norm
     return torch_ref.rms_norm
 
 
 def add_rms_norm_kernel(device: torch.device, force: str | None = None) -> AddNormFn:
-    if backend_for(device, force) == "triton":
+    backend = backend_for(device, force)
+    if backend == "triton":
         from services.language.kernels import triton_norm
 
         return triton_norm.add_rms_norm
+    if backend == "cpu":
+        from services.language.kernels import cpu_norm
+
+        return cpu_norm.add_rms_norm
     return torch_ref.add_rms_norm
+
+
+def qk_norm_rope_kernel(device: torch.device, force: str | None = None) -> QkNormRopeFn:
+    """The attention's per-head q/k RMSNorm + rotary embedding: one C++ pass on CPU, else the
+    torch ops around the backend's RMSNorm."""
+    if backend_for(device, force) == "cpu":
+        from services.language.kernels import cpu_norm
+
+        return cpu_norm.qk_norm_rope
+    return functools.partial(torch_ref.qk_norm_rope, norm=rms_norm_kernel(device, force))
 
 
 class TorchAttention:
@@ -198,5 +233,6 @@ __all__ = [
     "moe_kernel",
     "moe_weight_layout",
     "paged_attention",
+    "qk_norm_rope_kernel",
     "rms_norm_kernel",
 ]

@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (`csrc/`: fused MoE experts, decode attention), one extension built on
-first use.
+"""The C++ CPU kernels (`csrc/`: fused MoE experts, paged attention, norms and rotary
+embedding), one extension built on first use.
 
 They need AVX-512 (F, BW, VL); `torch.utils.cpp_extension` compiles them with gcc, which takes
 ~20-30 s once per machine (`make venv` does it: `python -m services.language.kernels.cpu_ext`),
@@ -27,7 +27,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("module.cpp", "cpu_moe.cpp", "cpu_attention.cpp")
+SOURCES = ("module.cpp", "cpu_moe.cpp", "cpu_attention.cpp", "cpu_norm.cpp")
 HEADERS = ("vec_math.h",)
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 

@@ -3,6 +3,7 @@ the Triton kernels are tested against."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -178,3 +179,30 @@ def add_rms_norm(
     """`residual + x` (in x's dtype), then its RMSNorm: returns (normed, new_residual)."""
     new_residual = residual + x
     return rms_norm(new_residual, weight, eps), new_residual
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: tuple[int, int],
+    eps: float,
+    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[T, Hq*hd]`, k `[T, Hkv*hd]`, the q/k norms' weights `[hd]`, cos / sin `[T, hd]` ->
+    q `[T, Hq, hd]`, k `[T, Hkv, hd]`: each head normed (`norm`, the backend's RMSNorm), then
+    rotated, `x * cos + rotate_half(x) * sin`."""
+    hq, hkv = heads
+    t, hd = q.shape[0], q.shape[1] // hq
+    q = norm(q.reshape(t, hq, hd), q_weight, eps)
+    k = norm(k.reshape(t, hkv, hd), k_weight, eps)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s

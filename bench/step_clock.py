@@ -14,7 +14,9 @@ the attention backend the runner passes in, so one call of `ModelRunner.run` yie
 Times nest (q_proj inside self_attn inside the layer), so `StepClock.components` turns inclusive
 times into exclusive ones: "rope + reshapes" is self_attn minus its projections, norms and the
 attention call; "layer rest" is the layer minus attention, input norm and MLP (the fused
-post-attention add + norm and the residual add, which are not module calls).
+post-attention add + norm and the residual add, which are not module calls). With the C++ CPU
+kernels the q/k norms run inside the rotary kernel, not as module calls: "q/k norms" is then 0
+and their time is in "rope + reshapes".
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ fp32 results differ from MKL's in summation order only (relative ~5e-6); a row's
 depend on the other rows in the call for the layer shapes of the decoder and vision tower.
 
 `pack_linears(module)` swaps every `nn.Linear` of a CPU module (exact type: subclasses such as
-tensor-parallel layers keep their own forward) for a `PackedLinear` holding the packed weight as
-its parameter (same shape, dtype and byte count). Nothing is packed when oneDNN is absent, for
-other devices and dtypes, or with `EPD_KERNELS=torch` (the plain-torch reference everywhere).
+tensor-parallel layers keep their own forward; not a tied weight) for a `PackedLinear` holding
+the packed weight as its parameter (same shape, dtype and byte count). Nothing is packed when
+oneDNN is absent, for other devices and dtypes, or with `EPD_KERNELS=torch` (the plain-torch
+reference everywhere).
 """
 
 from __future__ import annotations
@@ -82,12 +83,19 @@ def linear_gelu(layer: nn.Module, x: torch.Tensor, approximate: str = "none") ->
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Swap every packable `nn.Linear` under `module` for a `PackedLinear`; returns how many."""
+    """Swap every packable `nn.Linear` under `module` for a `PackedLinear`; returns how many. A
+    weight shared with another module (tied embeddings) stays shared: packing would copy it."""
+    uses: dict[int, int] = {}  # parameters per memory address (tied ones share theirs)
+    for _, p in module.named_parameters(remove_duplicate=False):
+        if p.layout == torch.strided:
+            uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
     swaps = [
         (parent, name, child)
         for parent in module.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and packable(child.weight)
+        if type(child) is nn.Linear
+        and packable(child.weight)
+        and uses.get(child.weight.data_ptr()) == 1
     ]
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child.weight, child.bias))

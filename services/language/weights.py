@@ -29,8 +29,11 @@ def load_decoder(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     parallel: ParallelDecoder | None = None,
+    kernel_layout: bool = True,
 ) -> Qwen3MoeForCausalLM:
-    """The whole decoder, or with `parallel` this rank's part of it."""
+    """The whole decoder, or with `parallel` this rank's part of it. `kernel_layout`: weights
+    re-stored as the device's kernels read them (experts packed, q/k/v fused into one layer, on
+    CPU linear layers packed for oneDNN); False keeps the checkpoint's tensors as loaded."""
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(cfg.text)
     vocab = True
@@ -44,6 +47,8 @@ def load_decoder(
         model, Checkpoint(model_dir), _renamer(cfg, vocab), dtype=dtype, device=device,
         tied=tied if vocab else None, shard=parallel.plan.shard if parallel else None,
     )  # fmt: skip
+    if not kernel_layout:
+        return model.eval()
     for module in model.modules():
         if isinstance(module, Experts):
             module.use_kernel_layout()

@@ -46,6 +46,9 @@ def test_pack_linears_swaps_plain_cpu_linears_only(monkeypatch):
     assert [type(x).__name__ for x in (m[0], m[1], m[2][0], m[3])] == [
         "PackedLinear", "_Sub", "PackedLinear", "Linear",
     ]  # fmt: skip
+    tied = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 10, bias=False))
+    tied[1].weight = nn.Parameter(tied[0].weight.data)  # another Parameter, the same memory
+    assert pack_linears(tied) == 0  # packing would copy the embeddings
     monkeypatch.setenv("EPD_KERNELS", "torch")  # the reference everywhere
     assert pack_linears(nn.Sequential(nn.Linear(64, 64))) == 0
 

@@ -105,7 +105,8 @@ inline void tile_any(int m, const a_t* const* A, int k0, int KB, const w_t* B, i
 // C[rows, 64] (+)= A[rows, K] @ 4 panels, k-block by k-block, each over all the rows.
 template <bool DP, typename a_t, typename w_t>
 inline void gemm_rows(int rows, const a_t* const* A, int K, const w_t* B, float* C, int ldc) {
-  constexpr int KB = DP ? 256 : 128;  // 4 panels x KB weights = 32 KB
+  // 4 panels x KB weights = 32 KB. One tile of rows reuses nothing: it streams all of K.
+  const int KB = rows <= 6 ? K : (DP ? 256 : 128);
   const int64_t ps = (int64_t)16 * K;
   for (int k0 = 0; k0 < K; k0 += KB) {
     const int kb = std::min(KB, K - k0);

@@ -280,7 +280,9 @@ def running_stack(cfg: StackConfig, timeout: float = 300.0) -> Iterator[Stack]:
         stack.stop()
 
 
-ENCODER_SPIN_COUNT = "1000"  # libgomp pauses an encoder's idle thread spins before it sleeps
+# libgomp pauses an idle OpenMP thread spins before it sleeps, per role (see omp_environment)
+ENCODER_SPIN_COUNT = "1000"
+LANGUAGE_SPIN_COUNT = "100000"
 
 
 def available_cores() -> int:
@@ -290,25 +292,29 @@ def available_cores() -> int:
 def omp_environment(role: str, threads: str, environ: Mapping[str, str]) -> dict[str, str]:
     """OpenMP settings of a role that shares the host's cores with the others.
 
-    libgomp's threads spin for a while after every parallel region (GOMP_SPINCOUNT, 300,000
-    pauses by default) before they sleep. That suits the language service, whose steps run
-    hundreds of regions back to back; the encoder's forwards come one at a time, and its team
-    spinning after each one takes the cores the language service is decoding on. Measured on 2
-    cores (`epd up`, small checkpoint, concurrency 8, two runs each): both roles spinning 148
-    tok/s with images, 542 text only; both passive 176-182 / 388-422; the encoder passive and
-    the language service spinning 190-200 / 527-530. Waiting passively costs the encoder a
-    futex wake-up at each of a forward's hundreds of regions, though: a 224x224 tower forward
-    took 22-25 ms passive, 15.2-15.9 ms spinning 1,000 pauses (GOMP_SPINCOUNT=1000: the gaps
-    between one forward's regions, not the idle time after it) and ~14 ms spinning by
-    default. So the encoder spins 1,000 pauses, unless the environment already says how to
-    wait. (Under other load on the same cores a spinning team can be 10x slower, waiting on its
-    own preempted threads: there, set OMP_WAIT_POLICY=PASSIVE, which `epd up` then passes to
-    every role.)"""
-    if role != "encoder" or threads == "none":
+    libgomp's threads spin for a while after every parallel region before they sleep
+    (GOMP_SPINCOUNT; by default ~10 ms on the 2-core test machine, measured as the workers' CPU
+    time after a last region). The language service's steps run hundreds of regions back to
+    back, with gaps under a millisecond between steps, so it spins, but only 100,000 pauses
+    (~2-3 ms): past that it is waiting for work, often for the encoder's tower, whose cores its
+    spinning team took. Interleaved rounds on 2 cores (`epd up`, small checkpoint, with
+    images): 264-308 vs 243-280 tok/s at concurrency 8 (five rounds), 412-424 vs 372-421 at 32
+    (three), text at 32 1,074-1,245 vs 1,032-1,122 (two); concurrency 1 within noise.
+
+    The encoder's forwards come one at a time, and its team spinning after each one takes the
+    cores the language service is decoding on (both roles spinning by default: 148 tok/s with
+    images at concurrency 8, against 190-200 with the encoder passive). Waiting passively costs
+    the encoder a futex wake-up at each of a forward's hundreds of regions, though: a 224x224
+    tower forward took 22-25 ms passive and 15.2-15.9 ms spinning 1,000 pauses (the gaps
+    between one forward's regions, not the idle time after it). So the encoder spins 1,000
+    pauses. A role whose environment already says how to wait (OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT) is left alone. (Under other load on the same cores a spinning team can be
+    10x slower, waiting on its own preempted threads: there, set OMP_WAIT_POLICY=PASSIVE, which
+    `epd up` then passes to every role.)"""
+    if threads == "none" or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
-    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
-        return {}
-    return {"GOMP_SPINCOUNT": ENCODER_SPIN_COUNT}
+    spin = {"encoder": ENCODER_SPIN_COUNT, "language": LANGUAGE_SPIN_COUNT}.get(role)
+    return {"GOMP_SPINCOUNT": spin} if spin is not None else {}
 
 
 def thread_budget(cores: int, encoders: int) -> tuple[int, int]:
@@ -352,9 +358,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=StackConfig.threads,
         help="how the roles use the cores: share = every forward takes the cores no other role "
         "is using (a role alone gets all of them, busy roles never oversubscribe them); split = "
-        "half to the language service, half to the encoders, fixed (with share and split the "
-        "encoders' idle OpenMP threads spin only briefly, GOMP_SPINCOUNT=1000, unless the "
-        "environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT); none = torch's default",
+        "half to the language service, half to the encoders, fixed (with share and split idle "
+        "OpenMP threads spin only briefly, GOMP_SPINCOUNT=1000 in encoders and 100000 in the "
+        "language service, unless the environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT); "
+        "none = torch's default",
     )
 
 

@@ -36,13 +36,15 @@ def test_bad_specs_are_refused(tmp_path):
             CoreShare.from_spec(spec, lambda n: None)
 
 
-def test_encoders_spin_briefly_unless_the_environment_says_otherwise():
+def test_roles_spin_briefly_unless_the_environment_says_otherwise():
     from services.up import omp_environment
 
     assert omp_environment("encoder", "share", {}) == {"GOMP_SPINCOUNT": "1000"}
     assert omp_environment("encoder", "split", {"PATH": "/bin"}) == {"GOMP_SPINCOUNT": "1000"}
-    assert omp_environment("language", "share", {}) == {}  # its steps gain from spinning
+    assert omp_environment("language", "share", {}) == {"GOMP_SPINCOUNT": "100000"}
     assert omp_environment("gateway", "share", {}) == {}
     assert omp_environment("encoder", "none", {}) == {}  # torch's defaults, as the policy says
     assert omp_environment("encoder", "share", {"OMP_WAIT_POLICY": "ACTIVE"}) == {}
     assert omp_environment("encoder", "share", {"GOMP_SPINCOUNT": "10000"}) == {}
+    assert omp_environment("language", "split", {"OMP_WAIT_POLICY": "PASSIVE"}) == {}
+    assert omp_environment("language", "none", {}) == {}

@@ -1,14 +1,16 @@
 """Linear layers on CPU through oneDNN with weights packed once, at load.
 
 torch's CPU `F.linear` in fp32 goes to MKL, which on non-Intel x86 CPUs (this project's AMD EPYC
-test machines) stays on a slower code path: 79-214 GFLOP/s at 8-1536 rows of a 512 -> 768
+test machines) stays on a slower code path: 71-214 GFLOP/s at 8-1536 rows of a 512 -> 768
 layer on 2 threads, where oneDNN's matmul on weights reordered once into its blocked layout
 makes 175-504 GFLOP/s (2.2-2.5x from 8 rows up; the same at 1 row, where the weight's read
 bounds both). In bf16 `F.linear` already takes oneDNN but reorders the weight on every call; the
 packed weight gives the same bits 1.1-1.7x faster.
 
-fp32 results differ from MKL's in summation order only (relative ~5e-6); a row's result does not
-depend on the other rows in the call for the layer shapes of the decoder and vision tower.
+fp32 results differ from MKL's in summation order only (relative ~5e-6). A row's result did not
+depend on the other rows in the call for 512->768, 512->4096, 256->768 and 1024->256 layers
+(1 to 1999 rows); for a 1536-wide input (the vision patch conv) it did, which is why that one
+runs one call per image.
 
 `pack_linears(module)` swaps every `nn.Linear` of a CPU module (exact type: subclasses such as
 tensor-parallel layers keep their own forward; not a tied weight) for a `PackedLinear` holding

@@ -298,7 +298,7 @@ def omp_environment(role: str, threads: str, environ: Mapping[str, str]) -> dict
     back, with gaps under a millisecond between steps, so it spins, but only 100,000 pauses
     (~2-3 ms): past that it is waiting for work, often for the encoder's tower, whose cores its
     spinning team took. Interleaved rounds on 2 cores (`epd up`, small checkpoint, with
-    images): 264-308 vs 243-280 tok/s at concurrency 8 (five rounds), 412-424 vs 372-421 at 32
+    images): 264-309 vs 243-280 tok/s at concurrency 8 (five rounds), 412-424 vs 372-421 at 32
     (three), text at 32 1,074-1,245 vs 1,032-1,122 (two); concurrency 1 within noise.
 
     The encoder's forwards come one at a time, and its team spinning after each one takes the

@@ -37,8 +37,8 @@ DEFAULT_PORT = 50051
 # any of it prefilled), 4.4-4.8 s with 1-2.
 CPU_BATCH_IMAGES = 4
 # How long an idle CPU tower waits for more images: not at all. Batching buys a CPU forward
-# nothing (4 images took 3.7x one), so a wait only delays the image that came first (5 ms of a
-# ~20 ms encode at concurrency 1); images that arrive while a forward runs still batch.
+# nothing (4 images took 3.7x one), so a wait only delays the image that came first (5 ms on
+# every encode at concurrency 1); images that arrive while a forward runs still batch.
 CPU_MAX_WAIT_MS = 0.0
 _ALL_INTERFACES = ("", "0.0.0.0", "::", "[::]")
 

@@ -34,14 +34,13 @@ class VisionPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
         self.packed: PackedLinear | None = None  # the conv as a packed linear layer (`pack`)
 
-    def pack(self) -> bool:
+    def pack(self) -> None:
         """A conv whose stride equals its kernel is a linear map over flattened patches: on CPU
         a packed linear layer computes it 7.7x faster (0.32 vs 2.46 ms for a 224x224 image's 196
-        patches), within rounding of the conv. Returns whether it was packed."""
+        patches), within rounding of the conv (where it cannot be packed the conv stays)."""
         weight = self.proj.weight.detach().reshape(self.cfg.hidden_size, -1)  # [D, C*T*P*P]
         if packable(weight):
             self.packed = PackedLinear(weight, self.proj.bias)
-        return self.packed is not None
 
     def forward(self, pixels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """`pixels [N, C*T*P*P]`, `sizes`: each image's patch count -> `[N, D]`."""

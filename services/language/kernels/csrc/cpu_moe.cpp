@@ -19,7 +19,6 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <algorithm>
-#include <cmath>
 #include <type_traits>
 #include <vector>
 

@@ -280,9 +280,9 @@ def running_stack(cfg: StackConfig, timeout: float = 300.0) -> Iterator[Stack]:
         stack.stop()
 
 
-# libgomp pauses an idle OpenMP thread spins before it sleeps, per role (see omp_environment)
-ENCODER_SPIN_COUNT = "1000"
-LANGUAGE_SPIN_COUNT = "100000"
+# libgomp pauses an idle OpenMP thread spins before it sleeps, in both torch roles (see
+# omp_environment)
+SPIN_COUNT = "100000"
 
 
 def available_cores() -> int:
@@ -294,27 +294,24 @@ def omp_environment(role: str, threads: str, environ: Mapping[str, str]) -> dict
 
     libgomp's threads spin for a while after every parallel region before they sleep
     (GOMP_SPINCOUNT; by default ~10 ms on the 2-core test machine, measured as the workers' CPU
-    time after a last region). The language service's steps run hundreds of regions back to
-    back, with gaps under a millisecond between steps, so it spins, but only 100,000 pauses
-    (~2-3 ms): past that it is waiting for work, often for the encoder's tower, whose cores its
-    spinning team took. Interleaved rounds on 2 cores (`epd up`, small checkpoint, with
-    images): 264-309 vs 243-280 tok/s at concurrency 8 (five rounds), 412-424 vs 372-421 at 32
-    (three), text at 32 1,074-1,245 vs 1,032-1,122 (two); concurrency 1 within noise.
-
-    The encoder's forwards come one at a time, and its team spinning after each one takes the
-    cores the language service is decoding on (both roles spinning by default: 148 tok/s with
-    images at concurrency 8, against 190-200 with the encoder passive). Waiting passively costs
-    the encoder a futex wake-up at each of a forward's hundreds of regions, though: a 224x224
-    tower forward took 22-25 ms passive and 15.2-15.9 ms spinning 1,000 pauses (the gaps
-    between one forward's regions, not the idle time after it). So the encoder spins 1,000
-    pauses. A role whose environment already says how to wait (OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT) is left alone. (Under other load on the same cores a spinning team can be
-    10x slower, waiting on its own preempted threads: there, set OMP_WAIT_POLICY=PASSIVE, which
-    `epd up` then passes to every role.)"""
+    time after a last region). A forward runs hundreds of regions with Python between them, and
+    a thread that sleeps in those gaps pays a futex wake-up at the next region. Both torch roles
+    spin 100,000 pauses (~2-3 ms), not the default: past that a role is waiting for work, often
+    for the other role, whose cores its spinning team takes.
+    - Language service, default vs 100,000 (interleaved rounds on 2 cores, `epd up`, small
+      checkpoint, images): 243-280 vs 264-309 tok/s at concurrency 8 (five rounds), 372-421 vs
+      412-424 at 32 (three), text at 32 1,032-1,122 vs 1,074-1,245 (two).
+    - Encoder, 1,000 vs 100,000 pauses: with 1,000 its workers fell asleep between a forward's
+      regions whenever Python between two ops took longer than the spin, which depends on the
+      host's speed: one 224x224 tower forward took 32-40 ms alone (100,000: 19-21 ms) and
+      44-57 ms inside the stack at concurrency 1 (23-28 ms; three interleaved rounds each).
+    A role whose environment already says how to wait (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is
+    left alone. (Under other load on the same cores a spinning team can be 10x slower, waiting
+    on its own preempted threads: there, set OMP_WAIT_POLICY=PASSIVE, which `epd up` then
+    passes to every role.)"""
     if threads == "none" or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
-    spin = {"encoder": ENCODER_SPIN_COUNT, "language": LANGUAGE_SPIN_COUNT}.get(role)
-    return {"GOMP_SPINCOUNT": spin} if spin is not None else {}
+    return {"GOMP_SPINCOUNT": SPIN_COUNT} if role in ("encoder", "language") else {}
 
 
 def thread_budget(cores: int, encoders: int) -> tuple[int, int]:
@@ -359,8 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the roles use the cores: share = every forward takes the cores no other role "
         "is using (a role alone gets all of them, busy roles never oversubscribe them); split = "
         "half to the language service, half to the encoders, fixed (with share and split idle "
-        "OpenMP threads spin only briefly, GOMP_SPINCOUNT=1000 in encoders and 100000 in the "
-        "language service, unless the environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT); "
+        "OpenMP threads spin only briefly, GOMP_SPINCOUNT=100000 in encoders and the language "
+        "service, unless the environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT); "
         "none = torch's default",
     )
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cores
 from common.config import VisionConfig
 from common.packed_linear import PackedLinear, linear_gelu, packable
 
@@ -178,6 +179,7 @@ class VisionTower(nn.Module):
         seqlens = [h * w for t, h, w in grid_thw for _ in range(t)]
         levels = []
         for i, block in enumerate(self.blocks):
+            cores.rebalance()  # under `epd up`: the cores another role took or left since
             x = block(x, seqlens, cos, sin)
             if i in self.cfg.deepstack_visual_indexes:
                 j = self.cfg.deepstack_visual_indexes.index(i)

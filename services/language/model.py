@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cores
 from common.config import TextConfig
 from services.language.attention import AttentionBackend
 from services.language.kernels import (
@@ -245,6 +246,7 @@ class Qwen3MoeModel(nn.Module):
         cos, sin = self.rotary_emb(positions, input_embeds.dtype)
         x = input_embeds
         for i, layer in enumerate(self.layers):
+            cores.rebalance()  # under `epd up`: the cores another role took or left since
             x = layer(x, cos, sin, backend)
             if i < num_deepstack:
                 assert input_deepstack_embeds is not None

@@ -39,8 +39,8 @@ def test_bad_specs_are_refused(tmp_path):
 def test_roles_spin_briefly_unless_the_environment_says_otherwise():
     from services.up import omp_environment
 
-    assert omp_environment("encoder", "share", {}) == {"GOMP_SPINCOUNT": "1000"}
-    assert omp_environment("encoder", "split", {"PATH": "/bin"}) == {"GOMP_SPINCOUNT": "1000"}
+    assert omp_environment("encoder", "share", {}) == {"GOMP_SPINCOUNT": "100000"}
+    assert omp_environment("encoder", "split", {"PATH": "/bin"}) == {"GOMP_SPINCOUNT": "100000"}
     assert omp_environment("language", "share", {}) == {"GOMP_SPINCOUNT": "100000"}
     assert omp_environment("gateway", "share", {}) == {}
     assert omp_environment("encoder", "none", {}) == {}  # torch's defaults, as the policy says

@@ -275,10 +275,16 @@ def test_image_byte_budget_refuses_before_pulling(tiny_model):
         ) as p:
             first = p.publish(torch.zeros(4, 256))
             second = p.publish(torch.ones(4, 256))
+            slot = p.bytes_in_use // 2  # the two images take equal slots
             call = stub.Generate(request(ids, 2000, [image_ref(first, (1, 4, 4))],
                                          ignore_eos=True))  # fmt: skip
             await call.read()  # a token: the first request holds its image bytes
-            waiting = p.bytes_in_use  # the second image's slot only (the first was pulled)
+            # the first image's slot is freed once its pull is acknowledged, which can come
+            # after the first token on a busy host; then only the second image's slot is left
+            until = time.monotonic() + 10
+            while p.bytes_in_use > slot and time.monotonic() < until:
+                await asyncio.sleep(0.01)
+            waiting = p.bytes_in_use
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await collect(stub, request(ids, 4, [image_ref(second, (1, 4, 4))]))
             unpulled = (waiting, p.bytes_in_use)

@@ -13,11 +13,12 @@ gives them back when the forward ends. A role alone gets every core; two busy ro
 Between two layers (`rebalance`, which the models call) a running forward claims again, so a
 role that started alone gives a core up as soon as another starts, and takes it back when that
 one ends: a long prefill step otherwise kept both cores for its whole length beside the
-tower's thread (three threads on two cores). With 2 + 1 threads an image prompt's prefill ran
-0.5-1.2 ms per token beside the tower against 0.25 alone; checking per layer took `epd up`
-from 239-253 to 256-291 tok/s (images, ~216-token prompts, concurrency 32, three interleaved
-rounds on 2 cores). Reads and writes are plain loads and stores: two roles that start at the
-same instant may both take every core for one layer, which costs that layer and nothing else.
+tower's thread (three threads on two cores). With 2 + 1 threads image prompts' prefill steps
+ran 0.4-0.8 ms per token beside the tower against 0.27-0.29 alone; checking per layer took
+`epd up` from 239-253 to 256-291 tok/s (images, ~216-token prompts, concurrency 32, three
+interleaved rounds on 2 cores). Reads and writes are plain loads and stores: two roles that
+start at the same instant may both take every core for one layer, which costs that layer and
+nothing else.
 """
 
 from __future__ import annotations

@@ -39,11 +39,11 @@ _local = threading.local()
 
 
 def rebalance() -> None:
-    """Between two layers of a forward: claim the cores again (see `CoreShare.rebalance`); a
-    no-op outside a shared forward, so models call it unconditionally."""
+    """Between two layers of a forward: claim the cores again (`CoreShare.claim`); a no-op
+    outside a shared forward, so models call it unconditionally."""
     share = getattr(_local, "running", None)
     if share is not None:
-        share.rebalance()
+        share.claim()
 
 
 def create_ledger(path: str | Path, roles: int) -> None:
@@ -93,7 +93,7 @@ class CoreShare:
     @contextlib.contextmanager
     def forward(self) -> Iterator[int]:
         """Claim the free cores (at least one) for one forward; yields the thread count."""
-        n = self._claim()
+        n = self.claim()
         _local.running = self
         try:
             yield n
@@ -101,13 +101,10 @@ class CoreShare:
             _local.running = None
             _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0)
 
-    def rebalance(self) -> int:
-        """Inside `forward`: claim again what the others leave (at least one), so that the
-        rest of the forward neither oversubscribes the cores nor leaves one idle; returns the
-        thread count."""
-        return self._claim()
-
-    def _claim(self) -> int:
+    def claim(self) -> int:
+        """Take what the others leave (at least one) and size the caller's threads to it;
+        returns the count. `forward` claims on entry, `rebalance` again between layers, so that
+        the rest of a forward neither oversubscribes the cores nor leaves one idle."""
         n = max(1, self.cores - self.held_by_others())
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, n)
         if n != self._threads:

@@ -1,6 +1,5 @@
-"""`epd encoder`'s batch defaults follow the device: small batches and no wait on CPU, where a
-forward costs the sum of its images, large batches after a short wait on CUDA; an explicit flag
-wins on both."""
+"""`epd encoder`'s batch defaults follow the device: no wait on CPU, where a forward costs
+nearly the sum of its images, a short wait on CUDA; an explicit flag wins on both."""
 
 from __future__ import annotations
 

@@ -39,6 +39,13 @@ constexpr int TB = 16;     // tokens per block: one zmm of scores per query head
 constexpr int MAX_G = 16;  // query heads per KV head
 constexpr int MAX_D = 16;  // hd / 16
 
+// Every cache line of one head's row of hd values.
+template <typename T>
+inline void prefetch_row(const T* p, int hd) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int b = 0; b < hd * static_cast<int>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
 template <typename T>
 void rows_impl(const T* q, const T* k, const T* v, const int64_t* slots, const int64_t* lens,
                const int64_t* seq, T* out, int B, int Hq, int Hkv, int hd, int L, float scale) {
@@ -62,6 +69,14 @@ void rows_impl(const T* q, const T* k, const T* v, const int64_t* slots, const i
     }
     for (int t0 = 0; t0 < n; t0 += TB) {
       const int tb = std::min(TB, n - t0);
+      // Slots are indirect, so the hardware prefetcher cannot follow a context from block to
+      // block: ask for this block's values (read after the softmax) and the next block's keys
+      // now. In a decode step each layer's context comes cold from memory: at batch 32 and
+      // context 124 the kernel took 0.29-0.35 ms a layer inside engine steps without this,
+      // 0.22-0.24 with it, 0.15 when the same call repeats with the cache warm.
+      for (int j = 0; j < tb; ++j) prefetch_row(v + (srow[t0 + j] * Hkv + h) * hd, hd);
+      for (int j = t0 + TB; j < std::min(n, t0 + 2 * TB); ++j)
+        prefetch_row(k + (srow[j] * Hkv + h) * hd, hd);
       for (int j = 0; j < tb; ++j) {
         const T* kp = k + (srow[t0 + j] * Hkv + h) * hd;
         __m512 kc[MAX_D];

@@ -35,11 +35,11 @@ DEFAULT_PORT = 50051
 # Images per forward on CPU: as many as are queued, up to 32. Small batches let each image
 # prefill as soon as it is encoded, so a cohort of requests starts decoding at different steps
 # and every decode step runs beside a tower forward or a prompt's prefill; one forward of the
-# whole queue lets the cohort prefill, then decode with the tower idle, as vLLM's engine steps
-# do. `epd up` on 2 cores, small checkpoint, one 224x224 image per request, two interleaved
-# rounds each: concurrency 32, 4 vs 32 images, 413-418 vs 395-439 tok/s, TPOT p50 51-63 vs
-# 39-41 ms, TTFT p50 0.5-0.9 vs 1.3-1.5 s; concurrency 8, 280-298 vs 296-307 tok/s, TPOT p50
-# 20.3-21.0 vs 19.0-19.3 ms. (`--max-batch-images 4` trades that TPOT for the TTFT.)
+# whole queue lets the cohort prefill, then decode with the tower idle. `epd up` on 2 cores,
+# small checkpoint, one 224x224 image per request, two interleaved rounds each: concurrency 32,
+# 4 vs 32 images, 413-418 vs 395-439 tok/s, TPOT p50 51-63 vs 39-41 ms, TTFT p50 0.5-0.9 vs
+# 1.3-1.5 s; concurrency 8, 280-298 vs 296-307 tok/s, TPOT p50 20.3-21.0 vs 19.0-19.3 ms.
+# (`--max-batch-images 4` trades that TPOT for the TTFT.)
 CPU_BATCH_IMAGES = 32
 # How long an idle CPU tower waits for more images: not at all. Batching buys a CPU forward
 # little (one image 17 ms, 4 took 3.4x, 32 23.7x), so a wait mostly delays the image that came
